@@ -1,0 +1,131 @@
+"""Tolerance configuration, solve statistics and the failure policy, shared by all solvers."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import warnings
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._misc import PyTree, default_tolerance, least_precise_dtype, tree_where
+
+FailurePolicy = Literal["warn", "nan", "raise", "ignore"]
+FAILURE_POLICIES = ("warn", "nan", "raise", "ignore")
+
+
+class SolveStats(NamedTuple):
+    """What a solve did. Under `jax.vmap` every field is per batch element.
+
+    Attributes:
+        steps: iterations of a forward solve (evaluations of ``fn`` for the fixed-point
+            methods, Newton steps for `Newton`) or matrix-vector products of a linear solve;
+            -1 for a user callable solver, which does not report it.
+        residual_norm: for a forward solve, max_i |F(x)_i| at the last checked iterate, where F
+            is the residual (``fn(x, params)`` for a root, ``x - fn(x, params)`` for a fixed
+            point); for a linear solve, ‖b − A·x‖₂.
+        converged: whether the solve met its tolerance with a finite residual.
+    """
+
+    steps: jax.Array
+    residual_norm: jax.Array
+    converged: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+    """Stopping rule common to every iterative solver.
+
+    Attributes:
+        rtol: relative tolerance; None picks ``eps**(2/3)`` of the problem's dtype.
+        atol: absolute tolerance; None picks the same as rtol.
+        max_steps: the most iterations (function evaluations or matrix-vector products).
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int = 256
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in ("rtol", "atol"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+                raise TypeError(f"{name}: {field} must be a float or None, got {value!r}.")
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: {field} must be finite and >= 0, got {value!r}.")
+        try:
+            steps = operator.index(self.max_steps)
+        except TypeError:
+            raise TypeError(
+                f"{name}: max_steps must be an int, got {self.max_steps!r}."
+            ) from None
+        if steps < 1:
+            raise ValueError(f"{name}: max_steps must be >= 1, got {steps}.")
+
+    def resolve(self, like: PyTree) -> tuple[float, float]:
+        """(rtol, atol) for a problem whose unknowns look like `like`."""
+        default = default_tolerance(least_precise_dtype(like))
+        rtol = default if self.rtol is None else float(self.rtol)
+        atol = rtol if self.atol is None else float(self.atol)
+        return rtol, atol
+
+
+def check_policy(on_failure: Any) -> None:
+    if on_failure not in FAILURE_POLICIES:
+        raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}.")
+
+
+def apply_failure_policy(
+    x: PyTree, stats: SolveStats, on_failure: FailurePolicy, what: str
+) -> PyTree:
+    """Report a failed solve as the policy says; return x, or NaNs in its place for 'nan'.
+
+    'warn' and 'raise' run a host callback with the converged flag; under `jax.vmap` the
+    callback sees the whole batch at once and reports how many elements failed.
+    """
+    if on_failure == "ignore":
+        return x
+    if on_failure == "nan":
+        return jax.tree.map(
+            lambda leaf: jnp.where(stats.converged, leaf, jnp.full_like(leaf, jnp.nan)), x
+        )
+    message = f"implicax: the {what} did not converge"
+
+    def report(converged, steps, residual):
+        converged = np.asarray(converged)
+        if converged.all():
+            return
+        failed = int(converged.size - converged.sum())
+        detail = (
+            f"{message} for {failed} of {converged.size} batch elements"
+            if converged.size > 1
+            else f"{message} ({int(np.max(steps))} steps, residual {float(np.max(residual)):.3g})"
+        )
+        if on_failure == "raise":
+            raise RuntimeError(detail + "; see SolveStats for details.")
+        warnings.warn(detail + "; pass on_failure='ignore' to silence.", RuntimeWarning, stacklevel=1)
+
+    _batched_callback(report, stats.converged, stats.steps, stats.residual_norm)
+    return x
+
+
+def _batched_callback(callback, *args):
+    """`jax.debug.callback` that runs once per call, not once per batch element under vmap."""
+
+    @jax.custom_batching.custom_vmap
+    def run(args):
+        jax.debug.callback(callback, *args)
+        return args
+
+    @run.def_vmap
+    def _(axis_size, in_batched, args):
+        del axis_size
+        return run(args), in_batched[0]
+
+    run(args)
