@@ -21,7 +21,7 @@ from jax import lax
 
 from ._config import FailurePolicy, SolveStats, apply_failure_policy, check_policy
 from ._linear import GMRES, _LinearSolver, as_linear_solver
-from ._misc import PyTree, float0_zeros_like, make_varying, max_abs, varying_axes
+from ._misc import PyTree, make_varying, max_abs, varying_axes
 from ._solvers import Anderson, Newton, Problem, _ForwardSolver
 
 
@@ -52,7 +52,19 @@ class _Spec:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _solve(spec: _Spec, x0, params, consts):
     x, stats = spec.forward(x0, params, consts)
-    return apply_failure_policy(x, stats, spec.on_failure, "forward solve"), stats
+    x = apply_failure_policy(x, stats, spec.on_failure, "forward solve")
+    return x, _pack(stats)
+
+
+# The statistics leave the custom_jvp as one float vector with a zero tangent: integer and
+# boolean outputs would need float0 tangents, which cannot be marked varying inside shard_map.
+def _pack(stats: SolveStats) -> jax.Array:
+    dtype = stats.residual_norm.dtype
+    return jnp.stack([stats.steps.astype(dtype), stats.residual_norm, stats.converged.astype(dtype)])
+
+
+def _unpack(packed: jax.Array) -> SolveStats:
+    return SolveStats(packed[0].astype(jnp.int32), packed[1], packed[2] > 0)
 
 
 @_solve.defjvp
@@ -74,7 +86,7 @@ def _solve_jvp(spec: _Spec, primals, tangents):
         transpose_solve=_reporting(spec, "adjoint linear solve"),
         symmetric=spec.linear_solver.symmetric,
     )
-    return (x, stats), (x_dot, jax.tree.map(float0_zeros_like, stats))
+    return (x, stats), (x_dot, jnp.zeros_like(stats))
 
 
 def _reporting(spec: _Spec, what: str):
@@ -148,7 +160,7 @@ def _implicit_solve(
     function, consts = jax.closure_convert(fn, x0, params)
     spec = _Spec(function, fixed_point, solver, linear_solver, on_failure)
     x, stats = _solve(spec, lax.stop_gradient(x0), params, consts)
-    return (x, stats) if return_stats else x
+    return (x, _unpack(lax.stop_gradient(stats))) if return_stats else x
 
 
 def root_solve(

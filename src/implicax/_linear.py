@@ -22,7 +22,9 @@ from ._misc import (
     tree_norm,
     tree_sub,
     tree_vdot,
+    tree_varying_axes,
     tree_zeros_like,
+    while_loop,
 )
 
 Matvec = Callable[[PyTree], PyTree]
@@ -41,6 +43,16 @@ class _IterativeLinearSolver(Tolerances, _LinearSolver):
         """Converged when ‖b − A·x‖₂ ≤ atol + rtol·‖b‖₂."""
         rtol, atol = self.resolve(b)
         return atol + rtol * tree_norm(b)
+
+
+def _axes(matvec: Matvec, b: PyTree) -> frozenset:
+    """Mesh axes the iteration's state varies over inside shard_map: those of b and of A·b."""
+    return tree_varying_axes(b, jax.eval_shape(matvec, b))
+
+
+def set_row(buffer: jax.Array, i: jax.Array, row: jax.Array) -> jax.Array:
+    """buffer[i] = row, as a dynamic-update-slice (a scatter compiles far slower on CPU)."""
+    return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), i, 0)
 
 
 def _stats(steps, residual_norm, threshold) -> SolveStats:
@@ -80,7 +92,7 @@ class CG(_IterativeLinearSolver):
             return _keep_going(jnp.sqrt(carry[3]), threshold, carry[4], self.max_steps)
 
         init = (tree_zeros_like(b), b, b, tree_vdot(b, b), jnp.zeros((), jnp.int32))
-        x, _, _, rr, steps = lax.while_loop(cond, body, init)
+        x, _, _, rr, steps = while_loop(cond, body, init, _axes(matvec, b))
         return x, _stats(steps, jnp.sqrt(rr), threshold)
 
 
@@ -119,7 +131,7 @@ class BiCGStab(_IterativeLinearSolver):
 
         zeros = tree_zeros_like(b)
         init = (zeros, b, zeros, zeros, one, one, one, tree_norm(b), jnp.zeros((), jnp.int32))
-        x, *_, residual, steps = lax.while_loop(cond, body, init)
+        x, *_, residual, steps = while_loop(cond, body, init, _axes(matvec, b))
         return x, _stats(steps, residual, threshold)
 
 
@@ -147,6 +159,7 @@ class GMRES(_IterativeLinearSolver):
 
     def solve(self, matvec, b):
         threshold = self._threshold(b)
+        axes = _axes(matvec, b)
         m = self.restart
         dtype = tree_vdot(b, b).dtype
 
@@ -162,31 +175,37 @@ class GMRES(_IterativeLinearSolver):
             )
 
         def arnoldi_step(state):
-            basis, hessenberg, g, cs, sn, j, steps = state
+            basis, columns, g, cs, sn, j, steps = state
             w = matvec(jax.tree.map(lambda vl: vl[j], basis))
             h = project(basis, w)
             w = tree_sub(w, combine(h, basis))
             correction = project(basis, w)
             w = tree_sub(w, combine(correction, basis))
-            h = h + correction
             h_next = tree_norm(w)
             safe = jnp.where(h_next > 0, h_next, 1)
-            basis = jax.tree.map(lambda vl, wl: vl.at[j + 1].set(wl / safe.astype(wl.dtype)), basis, w)
-            h = h.at[j + 1].set(h_next)
+            basis = jax.tree.map(
+                lambda vl, wl: set_row(vl, j + 1, wl / safe.astype(wl.dtype)), basis, w
+            )
+            h = jnp.where(jnp.arange(m + 1) == j + 1, h_next, h + correction)
 
-            def rotate(i, h):
-                hi, hk = h[i], h[i + 1]
-                return h.at[i].set(cs[i] * hi + sn[i] * hk).at[i + 1].set(-sn[i] * hi + cs[i] * hk)
+            def rotate(i, h):  # apply the i-th Givens rotation to rows i, i + 1
+                hi, hk = lax.dynamic_slice_in_dim(h, i, 2)
+                rotated = jnp.stack([cs[i] * hi + sn[i] * hk, cs[i] * hk - sn[i] * hi])
+                return lax.dynamic_update_slice_in_dim(h, rotated, i, 0)
 
             h = lax.fori_loop(0, j, rotate, h)
-            denominator = jnp.hypot(h[j], h[j + 1])
-            safe_denominator = jnp.where(denominator > 0, denominator, 1)
-            c = jnp.where(denominator > 0, h[j] / safe_denominator, 1)
-            s = jnp.where(denominator > 0, h[j + 1] / safe_denominator, 0)
-            h = h.at[j].set(denominator).at[j + 1].set(0)
-            g = g.at[j + 1].set(-s * g[j]).at[j].set(c * g[j])
-            hessenberg = hessenberg.at[:, j].set(h)
-            return basis, hessenberg, g, cs.at[j].set(c), sn.at[j].set(s), j + 1, steps + 1
+            hj, hk = lax.dynamic_slice_in_dim(h, j, 2)
+            radius = jnp.hypot(hj, hk)
+            nonzero = radius > 0
+            c = jnp.where(nonzero, hj / jnp.where(nonzero, radius, 1), 1)
+            s = jnp.where(nonzero, hk / jnp.where(nonzero, radius, 1), 0)
+            h = lax.dynamic_update_slice_in_dim(h, jnp.stack([radius, jnp.zeros_like(radius)]), j, 0)
+            gj = g[j]
+            g = lax.dynamic_update_slice_in_dim(g, jnp.stack([c * gj, -s * gj]), j, 0)
+            columns = set_row(columns, j, h[:m])
+            at_j = jnp.arange(m) == j
+            cs, sn = jnp.where(at_j, c, cs), jnp.where(at_j, s, sn)
+            return basis, columns, g, cs, sn, j + 1, steps + 1
 
         def cycle(carry):
             x, _, steps = carry
@@ -194,12 +213,14 @@ class GMRES(_IterativeLinearSolver):
             beta = tree_norm(r)
             safe_beta = jnp.where(beta > 0, beta, 1)
             basis = jax.tree.map(
-                lambda rl: jnp.zeros((m + 1, *rl.shape), rl.dtype).at[0].set(rl / safe_beta.astype(rl.dtype)),
+                lambda rl: set_row(
+                    jnp.zeros((m + 1, *rl.shape), rl.dtype), 0, rl / safe_beta.astype(rl.dtype)
+                ),
                 r,
             )
             state = (
                 basis,
-                jnp.zeros((m + 1, m), dtype),
+                jnp.zeros((m, m), dtype),  # row k: the k-th column of the rotated Hessenberg R
                 jnp.zeros(m + 1, dtype).at[0].set(beta),
                 jnp.zeros(m, dtype),
                 jnp.zeros(m, dtype),
@@ -211,18 +232,18 @@ class GMRES(_IterativeLinearSolver):
                 g, j, steps = state[2], state[5], state[6]
                 return (j < m) & _keep_going(jnp.abs(g[j]), threshold, steps, self.max_steps)
 
-            basis, hessenberg, g, _, _, j, steps = lax.while_loop(inner_cond, arnoldi_step, state)
+            basis, columns, g, _, _, j, steps = while_loop(inner_cond, arnoldi_step, state, axes)
             active = jnp.arange(m) < j
-            upper = jnp.where(active[:, None] & active[None, :], hessenberg[:m], jnp.eye(m, dtype=dtype))
+            upper = jnp.where(active[:, None] & active[None, :], columns.T, jnp.eye(m, dtype=dtype))
             y = jsl.solve_triangular(upper, jnp.where(active, g[:m], 0), lower=False)
-            x = jax.tree.map(lambda xl, d: xl + d, x, combine(y, jax.tree.map(lambda vl: vl[:m], basis)))
-            return x, jnp.abs(g[j]), steps
+            update = combine(y, jax.tree.map(lambda vl: vl[:m], basis))
+            return jax.tree.map(jnp.add, x, update), jnp.abs(g[j]), steps
 
         def cond(carry):
             return _keep_going(carry[1], threshold, carry[2], self.max_steps)
 
         init = (tree_zeros_like(b), tree_norm(b), jnp.zeros((), jnp.int32))
-        x, residual, steps = lax.while_loop(cond, cycle, init)
+        x, residual, steps = while_loop(cond, cycle, init, axes)
         return x, _stats(steps, residual, threshold)
 
 
@@ -253,7 +274,7 @@ class Neumann(_IterativeLinearSolver):
             return _keep_going(carry[2], threshold, carry[3], self.max_steps)
 
         init = (tree_zeros_like(b), b, tree_norm(b), jnp.zeros((), jnp.int32))
-        x, _, residual, steps = lax.while_loop(cond, body, init)
+        x, _, residual, steps = while_loop(cond, body, init, _axes(matvec, b))
         return x, _stats(steps, residual, threshold)
 
 

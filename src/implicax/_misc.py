@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 PyTree = Any
@@ -119,8 +118,16 @@ def make_varying(x: jax.Array, axes: frozenset) -> jax.Array:
     return lax.pvary(x, missing)  # JAX versions before `pcast`
 
 
-def float0_zeros_like(x: jax.Array) -> Any:
-    """Tangent zeros for any leaf: float0 for integer and boolean leaves."""
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+def tree_varying_axes(*trees: PyTree) -> frozenset:
+    """Union of the varying mesh axes of all leaves (shapes or arrays)."""
+    return frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(trees)))
+
+
+def while_loop(cond, body, init, axes: frozenset):
+    """`lax.while_loop` whose initial carry is first marked varying over `axes`.
+
+    Inside `shard_map`, loop state built from constants (zeros, counters) is not varying while
+    the body's outputs are; the carry must keep one type, so everything varies from the start.
+    """
+    init = jax.tree.map(lambda leaf: make_varying(jnp.asarray(leaf), axes), init)
+    return lax.while_loop(cond, body, init)

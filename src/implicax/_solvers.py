@@ -17,7 +17,15 @@ from jax.flatten_util import ravel_pytree
 
 from ._config import SolveStats, Tolerances
 from ._linear import GMRES, _LinearSolver, as_linear_solver
-from ._misc import PyTree, max_abs, scaled_error, tree_axpy, tree_sub
+from ._misc import (
+    PyTree,
+    max_abs,
+    scaled_error,
+    tree_axpy,
+    tree_sub,
+    tree_varying_axes,
+    while_loop,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +103,9 @@ class FixedPointIteration(_ForwardSolver):
         def cond(carry):
             return _keep_going(carry[1], carry[3], self.max_steps)
 
-        not_yet = jnp.full((), _NOT_YET, jnp.float32)
+        not_yet = jnp.full((), _NOT_YET, max_abs(x0).dtype)
         init = (x0, not_yet, not_yet, jnp.zeros((), jnp.int32))
-        x, error, residual, steps = lax.while_loop(cond, body, init)
+        x, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return x, SolveStats(steps, residual, error <= 1)
 
 
@@ -156,7 +164,7 @@ class Anderson(_ForwardSolver):
             return _keep_going(carry[5], carry[7], self.max_steps)
 
         x = flat0.astype(dtype)
-        not_yet = jnp.full((), _NOT_YET, jnp.float32)
+        not_yet = jnp.full((), _NOT_YET, dtype)
         init = (
             x,
             x,
@@ -167,7 +175,7 @@ class Anderson(_ForwardSolver):
             not_yet,
             jnp.zeros((), jnp.int32),
         )
-        _, gx, *_, error, residual, steps = lax.while_loop(cond, body, init)
+        _, gx, *_, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return unravel(gx.astype(flat0.dtype)), SolveStats(steps, residual, error <= 1)
 
 
@@ -265,7 +273,7 @@ class Broyden(_ForwardSolver):
             max_abs(fx),
             jnp.ones((), jnp.int32),
         )
-        x, *_, error, residual_norm, steps = lax.while_loop(cond, body, init)
+        x, *_, error, residual_norm, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return unravel(x.astype(flat0.dtype)), SolveStats(steps, residual_norm, error <= 1)
 
 
@@ -309,6 +317,6 @@ class Newton(_ForwardSolver):
 
         fx = problem.residual(x0)
         init = (x0, fx, scaled_error(fx, x0, rtol, atol), max_abs(fx), jnp.zeros((), jnp.int32))
-        x, _, error, residual, steps = lax.while_loop(cond, body, init)
+        x, _, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return x, SolveStats(steps, residual, error <= 1)
 
