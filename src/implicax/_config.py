@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._misc import PyTree, default_tolerance, least_precise_dtype, tree_where
+from ._misc import PyTree, default_tolerance, least_precise_dtype
 
 FailurePolicy = Literal["warn", "nan", "raise", "ignore"]
 FAILURE_POLICIES = ("warn", "nan", "raise", "ignore")
@@ -62,9 +62,7 @@ class Tolerances:
         try:
             steps = operator.index(self.max_steps)
         except TypeError:
-            raise TypeError(
-                f"{name}: max_steps must be an int, got {self.max_steps!r}."
-            ) from None
+            raise TypeError(f"{name}: max_steps must be an int, got {self.max_steps!r}.") from None
         if steps < 1:
             raise ValueError(f"{name}: max_steps must be >= 1, got {steps}.")
 
@@ -109,7 +107,9 @@ def apply_failure_policy(
         )
         if on_failure == "raise":
             raise RuntimeError(detail + "; see SolveStats for details.")
-        warnings.warn(detail + "; pass on_failure='ignore' to silence.", RuntimeWarning, stacklevel=1)
+        warnings.warn(
+            detail + "; pass on_failure='ignore' to silence.", RuntimeWarning, stacklevel=1
+        )
 
     _batched_callback(report, stats.converged, stats.steps, stats.residual_norm)
     return x

@@ -60,7 +60,9 @@ def _solve(spec: _Spec, x0, params, consts):
 # boolean outputs would need float0 tangents, which cannot be marked varying inside shard_map.
 def _pack(stats: SolveStats) -> jax.Array:
     dtype = stats.residual_norm.dtype
-    return jnp.stack([stats.steps.astype(dtype), stats.residual_norm, stats.converged.astype(dtype)])
+    return jnp.stack(
+        [stats.steps.astype(dtype), stats.residual_norm, stats.converged.astype(dtype)]
+    )
 
 
 def _unpack(packed: jax.Array) -> SolveStats:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,8 @@ from ._misc import (
     tree_axpy,
     tree_norm,
     tree_sub,
-    tree_vdot,
     tree_varying_axes,
+    tree_vdot,
     tree_zeros_like,
     while_loop,
 )
@@ -31,6 +32,8 @@ Matvec = Callable[[PyTree], PyTree]
 
 
 class _LinearSolver:
+    symmetric: ClassVar[bool] = False  # whether the solver assumes A = Aᵀ (then Aᵀ reuses it)
+
     def __call__(self, matvec: Matvec, b: PyTree) -> PyTree:
         return self.solve(matvec, b)[0]
 
@@ -50,7 +53,7 @@ def _axes(matvec: Matvec, b: PyTree) -> frozenset:
     return tree_varying_axes(b, jax.eval_shape(matvec, b))
 
 
-def set_row(buffer: jax.Array, i: jax.Array, row: jax.Array) -> jax.Array:
+def set_row(buffer: jax.Array, i: Any, row: jax.Array) -> jax.Array:
     """buffer[i] = row, as a dynamic-update-slice (a scatter compiles far slower on CPU)."""
     return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), i, 0)
 
@@ -73,7 +76,7 @@ class CG(_IterativeLinearSolver):
             matrix-vector products.
     """
 
-    symmetric = True
+    symmetric: ClassVar[bool] = True
 
     def solve(self, matvec, b):
         threshold = self._threshold(b)
@@ -105,7 +108,6 @@ class BiCGStab(_IterativeLinearSolver):
         rtol, atol, max_steps: as for `CG`.
     """
 
-    symmetric = False
 
     def solve(self, matvec, b):
         threshold = self._threshold(b)
@@ -150,7 +152,6 @@ class GMRES(_IterativeLinearSolver):
     """
 
     restart: int = 32
-    symmetric = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -199,7 +200,9 @@ class GMRES(_IterativeLinearSolver):
             nonzero = radius > 0
             c = jnp.where(nonzero, hj / jnp.where(nonzero, radius, 1), 1)
             s = jnp.where(nonzero, hk / jnp.where(nonzero, radius, 1), 0)
-            h = lax.dynamic_update_slice_in_dim(h, jnp.stack([radius, jnp.zeros_like(radius)]), j, 0)
+            h = lax.dynamic_update_slice_in_dim(
+                h, jnp.stack([radius, jnp.zeros_like(radius)]), j, 0
+            )
             gj = g[j]
             g = lax.dynamic_update_slice_in_dim(g, jnp.stack([c * gj, -s * gj]), j, 0)
             columns = set_row(columns, j, h[:m])
@@ -259,7 +262,6 @@ class Neumann(_IterativeLinearSolver):
         rtol, atol, max_steps: as for `CG`.
     """
 
-    symmetric = False
 
     def solve(self, matvec, b):
         threshold = self._threshold(b)
@@ -283,7 +285,6 @@ class Dense(_LinearSolver):
     """Materialise A (n matrix-vector products, vectorised) and solve by LU. For small n only:
     memory n², time n³. Converged means the solution is finite."""
 
-    symmetric = False
 
     def solve(self, matvec, b):
         flat_b, unravel = ravel_pytree(b)
@@ -314,7 +315,6 @@ def as_linear_solver(linear_solver) -> _LinearSolver:
 @dataclasses.dataclass(frozen=True)
 class _CallableLinearSolver(_LinearSolver):
     function: Callable[[Matvec, PyTree], PyTree]
-    symmetric = False
 
     def solve(self, matvec, b):
         x = self.function(matvec, b)

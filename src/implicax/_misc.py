@@ -25,7 +25,7 @@ def tree_norm(x: PyTree) -> jax.Array:
     return jnp.sqrt(tree_vdot(x, x))
 
 
-def tree_axpy(a: jax.Array, x: PyTree, y: PyTree) -> PyTree:
+def tree_axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
     """a·x + y, leafwise, in y's dtypes."""
     return jax.tree.map(lambda u, v: (a * u + v).astype(v.dtype), x, y)
 
@@ -115,7 +115,7 @@ def make_varying(x: jax.Array, axes: frozenset) -> jax.Array:
         return x
     if hasattr(lax, "pcast"):
         return lax.pcast(x, missing, to="varying")
-    return lax.pvary(x, missing)  # JAX versions before `pcast`
+    return lax.pvary(x, missing)  # type: ignore[attr-defined]  # JAX versions before `pcast`
 
 
 def tree_varying_axes(*trees: PyTree) -> frozenset:

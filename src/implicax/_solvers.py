@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from ._config import SolveStats, Tolerances
@@ -231,7 +230,9 @@ class Broyden(_ForwardSolver):
         m, n = self.history, flat0.size
 
         def residual(flat):
-            return ravel_pytree(problem.residual(unravel(flat.astype(flat0.dtype))))[0].astype(dtype)
+            return ravel_pytree(problem.residual(unravel(flat.astype(flat0.dtype))))[0].astype(
+                dtype
+            )
 
         def apply(us, vs, v):  # H·v
             return v + us.T @ (vs @ v)
@@ -319,4 +320,3 @@ class Newton(_ForwardSolver):
         init = (x0, fx, scaled_error(fx, x0, rtol, atol), max_abs(fx), jnp.zeros((), jnp.int32))
         x, _, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return x, SolveStats(steps, residual, error <= 1)
-

@@ -48,5 +48,9 @@ def two_phase_solve(
     else:
         solver = FixedPointIteration(max_steps=5000)
     return fixed_point_solve(
-        lambda x, p: param_func(p)(x), init_xs, params, solver=solver, linear_solver=Neumann(max_steps=5000)
+        lambda x, p: param_func(p)(x),
+        init_xs,
+        params,
+        solver=solver,
+        linear_solver=Neumann(max_steps=5000),
     )

@@ -1,0 +1,148 @@
+"""A failed solve is reported, never silent; healthy batch elements are unaffected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import implicax
+
+
+def diverging(x, p):
+    return 2.0 * x + p  # |∂f/∂x| = 2: fixed-point iteration diverges
+
+
+def contraction(x, p):
+    return 0.5 * jnp.cos(x) + p
+
+
+def scaled(x, p):
+    # Contractive for p < 1, diverging for p > 1: one entry of a batch can fail.
+    return p * x + 1.0
+
+
+def test_default_warns_and_stats_record_failure():
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+        x, stats = implicax.fixed_point_solve(
+            diverging, jnp.zeros(2), 1.0, solver=implicax.FixedPointIteration(), return_stats=True
+        )
+    assert not bool(stats.converged)
+    assert int(stats.steps) < 256  # stopped once the iterate overflowed, not at max_steps
+    assert not np.isfinite(float(stats.residual_norm)) or float(stats.residual_norm) > 1
+
+
+def test_max_steps_too_small_is_reported():
+    with pytest.warns(RuntimeWarning, match=r"did not converge \(3 steps"):
+        _, stats = implicax.fixed_point_solve(
+            contraction,
+            jnp.zeros(2),
+            0.1,
+            solver=implicax.FixedPointIteration(max_steps=3),
+            return_stats=True,
+        )
+    assert int(stats.steps) == 3 and not bool(stats.converged)
+
+
+def test_nan_policy_returns_nan():
+    x = implicax.fixed_point_solve(
+        diverging, jnp.zeros(2), 1.0, solver=implicax.FixedPointIteration(), on_failure="nan"
+    )
+    assert np.all(np.isnan(x))
+
+
+def test_raise_policy_raises_from_inside_jit():
+    solve = jax.jit(
+        lambda p: implicax.fixed_point_solve(
+            diverging, jnp.zeros(2), p, solver=implicax.FixedPointIteration(), on_failure="raise"
+        )
+    )
+    with pytest.raises(Exception, match="forward solve did not converge"):
+        jax.block_until_ready(solve(1.0))
+
+
+def test_nan_produced_mid_solve_is_not_convergence():
+    def poisoned(x, p):
+        return jnp.where(x > 0.5, jnp.nan, x + p)
+
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        x, stats = implicax.fixed_point_solve(poisoned, jnp.zeros(1), 0.3, return_stats=True)
+    assert not bool(stats.converged)
+
+
+def test_one_failing_batch_element_leaves_the_others_intact():
+    ps = jnp.array([0.5, 1.5, 0.25])
+
+    def solve(p):
+        return implicax.fixed_point_solve(
+            scaled,
+            jnp.zeros(()),
+            p,
+            solver=implicax.FixedPointIteration(),
+            on_failure="nan",
+            return_stats=True,
+        )
+
+    x, stats = jax.jit(jax.vmap(solve))(ps)
+    np.testing.assert_array_equal(np.asarray(stats.converged), [True, False, True])
+    np.testing.assert_allclose(x[jnp.array([0, 2])], 1 / (1 - ps[jnp.array([0, 2])]), rtol=1e-9)
+    assert np.isnan(x[1])
+    grads = jax.vmap(jax.grad(lambda p: solve(p)[0]))(ps)
+    np.testing.assert_allclose(
+        grads[jnp.array([0, 2])], 1 / (1 - ps[jnp.array([0, 2])]) ** 2, rtol=1e-8
+    )
+    assert np.isnan(grads[1])
+
+
+def test_warning_under_vmap_counts_failed_elements():
+    with pytest.warns(RuntimeWarning, match="for 1 of 3 batch elements"):
+        jax.vmap(
+            lambda p: implicax.fixed_point_solve(
+                scaled, jnp.zeros(()), p, solver=implicax.FixedPointIteration()
+            )
+        )(jnp.array([0.5, 1.5, 0.25]))
+
+
+def test_failed_backward_solve_is_reported():
+    # Neumann needs a contraction; at the fixed point of x = 1.5·x the adjoint series diverges.
+    def loss(p):
+        return implicax.fixed_point_solve(
+            lambda x, p: 1.5 * x - 0.5 * p,  # fixed point x = p, found by Newton in one step
+            jnp.zeros(()),
+            p,
+            solver=implicax.Newton(),
+            linear_solver=implicax.Neumann(max_steps=50),
+            on_failure="nan",
+        )
+
+    assert np.isnan(jax.grad(loss)(1.0))
+    with pytest.warns(RuntimeWarning, match="adjoint linear solve did not converge"):
+        jax.grad(
+            lambda p: implicax.fixed_point_solve(
+                lambda x, p: 1.5 * x - 0.5 * p,
+                jnp.zeros(()),
+                p,
+                solver=implicax.Newton(),
+                linear_solver=implicax.Neumann(max_steps=50),
+            )
+        )(1.0)
+
+
+def test_singular_jacobian_in_backward_solve_is_reported():
+    # F(x) = x², root x = 0 with ∂F/∂x = 0: the tangent system is singular.
+    def solve(p):
+        return implicax.root_solve(
+            lambda x, p: x**2 - p, jnp.zeros(()), p, solver=lambda fn, x0, p: x0, on_failure="nan"
+        )
+
+    assert np.isnan(jax.jvp(solve, (0.0,), (1.0,))[1])
+
+
+def test_ignore_is_silent():
+    x = implicax.fixed_point_solve(
+        contraction,
+        jnp.zeros(2),
+        0.1,
+        solver=implicax.FixedPointIteration(max_steps=2),
+        on_failure="ignore",
+    )
+    assert x.shape == (2,)
