@@ -27,8 +27,20 @@ def test_default_warns_and_stats_record_failure():
             diverging, jnp.zeros(2), 1.0, solver=implicax.FixedPointIteration(), return_stats=True
         )
     assert not bool(stats.converged)
-    assert int(stats.steps) < 256  # stopped once the iterate overflowed, not at max_steps
+    assert int(stats.steps) <= 256
     assert not np.isfinite(float(stats.residual_norm)) or float(stats.residual_norm) > 1
+
+
+def test_overflow_stops_the_loop_early():
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, stats = implicax.fixed_point_solve(
+            diverging,
+            jnp.zeros(2, jnp.float32),
+            jnp.float32(1.0),
+            solver=implicax.FixedPointIteration(max_steps=10_000),
+            return_stats=True,
+        )
+    assert int(stats.steps) < 200  # 2**128 overflows float32 long before max_steps
 
 
 def test_max_steps_too_small_is_reported():

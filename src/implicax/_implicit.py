@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._config import FailurePolicy, SolveStats, apply_failure_policy, check_policy
-from ._linear import GMRES, _LinearSolver, as_linear_solver
+from ._linear import BiCGStab, _LinearSolver, as_linear_solver
 from ._misc import PyTree, make_varying, max_abs, varying_axes
 from ._solvers import Anderson, Newton, Problem, _ForwardSolver
 
@@ -149,7 +149,7 @@ def _implicit_solve(
             f"{entry}: solver must be an implicax solver (FixedPointIteration, Anderson, Broyden, "
             f"Newton) or a callable solver(fn, x0, params) -> x, got {solver!r}."
         )
-    linear_solver = as_linear_solver(GMRES() if linear_solver is None else linear_solver)
+    linear_solver = as_linear_solver(BiCGStab() if linear_solver is None else linear_solver)
     check_policy(on_failure)
     x0 = _check_x0(x0)
     out = jax.eval_shape(fn, x0, params)
@@ -190,7 +190,7 @@ def root_solve(
         solver: forward solver: `Newton` (default), `Broyden`, `Anderson`,
             `FixedPointIteration`, or any callable ``solver(fn, x0, params) -> x`` (never
             differentiated, so it may be a host callback).
-        linear_solver: for the tangent and adjoint systems: `GMRES` (default), `BiCGStab`,
+        linear_solver: for the tangent and adjoint systems: `BiCGStab` (default), `GMRES`,
             `CG` (only if ∂F/∂x is symmetric positive definite), `Neumann`, `Dense`, or any
             callable ``linear_solver(matvec, b) -> x`` on pytrees.
         on_failure: when a forward or linear solve does not converge: ``"warn"`` (default; a
@@ -237,7 +237,7 @@ def fixed_point_solve(
         params: any pytree of arrays that fn depends on.
         solver: `Anderson` (default), `FixedPointIteration`, `Broyden`, `Newton`, or any
             callable ``solver(fn, x0, params) -> x``.
-        linear_solver: `GMRES` (default), `BiCGStab`, `Neumann` (fax's two-phase adjoint
+        linear_solver: `BiCGStab` (default), `GMRES`, `Neumann` (fax's two-phase adjoint
             iteration; needs a contraction), `Dense`, `CG` (only for symmetric I − ∂fn/∂x),
             or any callable ``linear_solver(matvec, b) -> x``.
         on_failure: ``"warn"`` (default), ``"nan"``, ``"raise"`` or ``"ignore"``; see

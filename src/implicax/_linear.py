@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 
 from ._config import SolveStats, Tolerances
 from ._misc import (
+    make_varying,
     PyTree,
     tree_axpy,
     tree_norm,
@@ -107,7 +108,6 @@ class BiCGStab(_IterativeLinearSolver):
     Attributes:
         rtol, atol, max_steps: as for `CG`.
     """
-
 
     def solve(self, matvec, b):
         threshold = self._threshold(b)
@@ -262,7 +262,6 @@ class Neumann(_IterativeLinearSolver):
         rtol, atol, max_steps: as for `CG`.
     """
 
-
     def solve(self, matvec, b):
         threshold = self._threshold(b)
 
@@ -285,7 +284,6 @@ class Dense(_LinearSolver):
     """Materialise A (n matrix-vector products, vectorised) and solve by LU. For small n only:
     memory n², time n³. Converged means the solution is finite."""
 
-
     def solve(self, matvec, b):
         flat_b, unravel = ravel_pytree(b)
         n = flat_b.size
@@ -293,7 +291,8 @@ class Dense(_LinearSolver):
         def flat_matvec(v):
             return ravel_pytree(matvec(unravel(v)))[0]
 
-        columns = jax.vmap(flat_matvec)(jnp.eye(n, dtype=flat_b.dtype))
+        basis = make_varying(jnp.eye(n, dtype=flat_b.dtype), _axes(matvec, b))
+        columns = jax.vmap(flat_matvec)(basis)
         x = jnp.linalg.solve(columns.T, flat_b)
         residual = jnp.linalg.norm(flat_b - flat_matvec(x))
         stats = SolveStats(jnp.asarray(n + 1, jnp.int32), residual, jnp.all(jnp.isfinite(x)))

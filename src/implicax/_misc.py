@@ -128,6 +128,8 @@ def while_loop(cond, body, init, axes: frozenset):
 
     Inside `shard_map`, loop state built from constants (zeros, counters) is not varying while
     the body's outputs are; the carry must keep one type, so everything varies from the start.
+    Each device then iterates on its own problem until it converges, so `fn` must not call
+    collectives over those axes (a device that stopped would leave the others waiting).
     """
     init = jax.tree.map(lambda leaf: make_varying(jnp.asarray(leaf), axes), init)
     return lax.while_loop(cond, body, init)

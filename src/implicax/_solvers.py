@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._config import SolveStats, Tolerances
-from ._linear import GMRES, _LinearSolver, as_linear_solver
+from ._linear import BiCGStab, _LinearSolver, as_linear_solver
 from ._misc import (
     PyTree,
     max_abs,
@@ -74,7 +74,8 @@ class FixedPointIteration(_ForwardSolver):
     """Picard iteration x ← x + damping·(g(x) − x).
 
     Converges linearly at the rate of the map's contraction. Stops when
-    |g(x)_i − x_i| ≤ atol + rtol·|g(x)_i| for every i, and returns g(x).
+    |g(x)_i − x_i| ≤ atol + rtol·|g(x)_i| for every i, and returns the next iterate
+    (g(x) itself when damping is 1).
 
     Attributes:
         rtol, atol, max_steps: tolerances (None: ``eps**(2/3)`` of the dtype) and the most
@@ -281,7 +282,7 @@ class Broyden(_ForwardSolver):
 @dataclasses.dataclass(frozen=True)
 class Newton(_ForwardSolver):
     """Newton's method, matrix-free: x ← x − damping·J⁻¹F(x), with J·v by forward-mode autodiff
-    and the Newton system solved by `linear_solver` (GMRES by default). Quadratic convergence
+    and the Newton system solved by `linear_solver` (BiCGStab by default). Quadratic convergence
     near the solution; each step costs one linearisation plus the linear solve.
     Stops when |F(x)_i| ≤ atol + rtol·|x_i|.
 
@@ -303,7 +304,7 @@ class Newton(_ForwardSolver):
 
     def solve(self, problem, x0):
         rtol, atol = self.resolve(x0)
-        linear_solver = as_linear_solver(self.linear_solver or GMRES())
+        linear_solver = as_linear_solver(self.linear_solver or BiCGStab())
 
         def body(carry):
             x, fx, _, _, steps = carry
