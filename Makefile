@@ -15,7 +15,7 @@ demo: $(BIN)/.installed
 	$(BIN)/python examples/deq_digits_flax.py
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider tests
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff format --check src integrations tests examples benchmarks

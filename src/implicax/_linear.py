@@ -18,8 +18,8 @@ from jax.flatten_util import ravel_pytree
 
 from ._config import SolveStats, Tolerances
 from ._misc import (
-    make_varying,
     PyTree,
+    make_varying,
     tree_axpy,
     tree_norm,
     tree_sub,

@@ -1,0 +1,160 @@
+"""Flax NNX adapter for implicax: ``implicax_flax.nnx.DEQ``.
+
+Example::
+
+    from flax import nnx
+    import implicax
+    from implicax_flax.nnx import DEQ
+
+    class Cell(nnx.Module):
+        def __init__(self, n, rngs):
+            self.linear = nnx.Linear(n, n, rngs=rngs)
+            self.norm = nnx.LayerNorm(n, rngs=rngs)
+
+        def __call__(self, z, x):
+            return self.norm(nnx.tanh(self.linear(z) + x))
+
+    layer = DEQ(Cell(16, nnx.Rngs(0)), solver=implicax.Anderson(max_steps=50))
+    z_star = layer(x)          # also under nnx.jit, nnx.grad, with nnx.Optimizer
+    layer.stats.get_value()    # SolveStats of the last call
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.errors import TraceContextError
+
+import implicax
+
+__all__ = ["DEQ", "SolveStatsVariable"]
+
+PyTree = Any
+FailurePolicy = Literal["warn", "nan", "raise", "ignore"]  # as implicax.fixed_point_solve
+
+
+class SolveStatsVariable(nnx.Variable):
+    """Holds the `implicax.SolveStats` of a `DEQ`'s last forward solve (not a parameter)."""
+
+
+class DEQ(nnx.Module):
+    """Deep equilibrium layer (Flax NNX): returns z* with z* = cell(z*, x).
+
+    The equilibrium is found by `implicax.fixed_point_solve` (Anderson acceleration by default)
+    starting from ``z0`` (zeros shaped like ``x`` when omitted). Its derivatives with respect to
+    the cell's parameters and to ``x`` come from the implicit function theorem,
+    (I − ∂cell/∂z)·ż = ∂cell/∂θ·θ̇, solved by ``linear_solver`` at z*, to any order; the
+    derivative with respect to ``z0`` is zero. The cell is split into a graph definition and
+    its state (`nnx.split`) so the solver sees a pure function of the state; the layer works
+    with `nnx.jit`, `nnx.grad`, `nnx.value_and_grad` and `nnx.Optimizer`, and, through
+    `nnx.split` / `nnx.merge`, under any JAX transformation.
+
+    Statistics: ``return_stats=True`` returns ``(z*, stats)``, the forward solve's
+    `implicax.SolveStats` (steps, residual norm, converged). The layer also keeps them in
+    ``layer.stats`` (a `SolveStatsVariable`), updated by every call made where NNX lets the
+    layer's state change: eagerly and under `nnx.jit`, `nnx.grad`, `nnx.value_and_grad` and
+    the like. A layer rebuilt by `nnx.merge` outside a JAX transformation (``jax.grad``,
+    ``jax.jit``, ...) and called inside it leaves ``layer.stats`` as it was (NNX forbids that
+    update; use ``return_stats=True`` there). Under ``nnx.vmap`` with the layer's state
+    broadcast (``in_axes=None``) the stats are batched and cannot be stored: build the layer
+    with ``store_stats=False`` and use ``return_stats=True``.
+
+    Randomness and state: every evaluation of the cell during one solve starts from the same
+    state, so a ``Dropout`` with its own ``rngs`` keeps one fixed mask while the solver iterates
+    (a deterministic map, whose fixed point and implicit derivative are exact for that mask),
+    and a training-mode ``BatchNorm`` normalises each iterate by that iterate's batch statistics
+    (which makes the map a function of the whole batch); the iterates' state updates are
+    discarded. When the cell holds any non-parameter state, it is then called once more at
+    z*, with the same state as the iterates (so the same dropout mask): that call advances the
+    random streams (a new mask on the next call) and updates BatchNorm's running averages from
+    the equilibrium. ``layer.eval()`` / ``layer.train()`` switch the cell's modes as usual.
+
+    Args:
+        cell: an `nnx.Module` (or any NNX graph node callable as ``cell(z, x)``) returning an
+            array (or pytree) like z.
+        solver: forward solver; None for `implicax.fixed_point_solve`'s default (Anderson).
+        linear_solver: solver for the tangent and adjoint systems; None for
+            `implicax.fixed_point_solve`'s default.
+        on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see
+            `implicax.fixed_point_solve`.
+        store_stats: keep the last solve's statistics in ``layer.stats``.
+    """
+
+    def __init__(
+        self,
+        cell: nnx.Module,
+        solver: Any = None,
+        linear_solver: Any = None,
+        *,
+        on_failure: FailurePolicy = "warn",
+        store_stats: bool = True,
+    ):
+        self.cell = cell
+        self.solver = solver
+        self.linear_solver = linear_solver
+        self.on_failure: FailurePolicy = on_failure
+        self.store_stats = store_stats
+        self.stats = SolveStatsVariable(
+            implicax.SolveStats(
+                steps=jnp.zeros((), jnp.int32),
+                residual_norm=jnp.full((), jnp.nan),  # the default float dtype
+                converged=jnp.zeros((), jnp.bool_),
+            )
+        )
+
+    def __call__(
+        self, x: PyTree, z0: PyTree | None = None, *, return_stats: bool = False
+    ) -> PyTree | tuple[PyTree, implicax.SolveStats]:
+        """Solve z* = cell(z*, x).
+
+        Args:
+            x: the layer's input (the cell's second argument).
+            z0: initial guess for z*; zeros shaped like ``x`` when None.
+            return_stats: also return the forward solve's `implicax.SolveStats`.
+
+        Returns:
+            z*, or ``(z*, stats)`` when ``return_stats`` is True.
+        """
+        z0 = _default_z0(x) if z0 is None else z0
+        graphdef, params, rest = nnx.split(self.cell, nnx.Param, ...)
+
+        # All of the cell's state goes in through the solve's params, none by closure: implicax
+        # hoists only floating-point closed-over tracers, and PRNG keys and counts are not.
+        def fn(z, arrays):
+            params, rest, x = arrays
+            # copy=True: fresh Variables, so the iterate's state updates stay local to it.
+            return nnx.merge(graphdef, params, rest, copy=True)(z, x)
+
+        z, stats = implicax.fixed_point_solve(
+            fn,
+            z0,
+            (params, rest, x),
+            solver=self.solver,
+            linear_solver=self.linear_solver,
+            on_failure=self.on_failure,
+            return_stats=True,
+        )
+        if jax.tree.leaves(rest):
+            self.cell(z, x)  # advance the random streams, update running statistics at z*
+        if self.store_stats:
+            try:
+                self.stats.set_value(stats)
+            except TraceContextError:
+                pass  # merged outside the transformation it is called in: see the docstring
+        return (z, stats) if return_stats else z
+
+
+def _default_z0(x: PyTree) -> PyTree:
+    def zeros(leaf):
+        leaf = jnp.asarray(leaf)
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                f"DEQ: z0 defaults to zeros like x, which needs floating x; got {leaf.dtype}. "
+                "Pass z0 explicitly."
+            )
+        return jnp.zeros_like(leaf)
+
+    return jax.tree.map(zeros, x)

@@ -1,0 +1,360 @@
+"""implicax_flax.DEQ (Flax linen): derivatives against unrolled iteration and finite differences,
+chex variants, vmap / pmap / shard_map / sharded-jit training steps, cells, state and dropout.
+
+Compilation dominates the run time, so each test compiles as few programs as it can.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from implicax_flax import DEQ
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import implicax
+from implicax.testing import check_derivatives
+
+F64 = jnp.float64
+UNROLL = 80  # plain iterations for the reference; the test cells contract by about 0.5
+# The adapter does not depend on the solvers. These compile several times faster than the
+# defaults, which the statistics test and the examples exercise.
+FAST = {
+    "solver": implicax.FixedPointIteration(max_steps=300),
+    "linear_solver": implicax.Neumann(max_steps=300),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def small(scale: float = 0.25):
+    """Kernel initializer with operator norm about 2·scale (the tanh cells contract).
+
+    Drawn with NumPy (seeded by the shape), not jax.random: compiling threefry in float64 for
+    every shape would cost the test file seconds.
+    """
+
+    def init(key, shape, dtype=F64):
+        del key
+        fan_in = int(np.prod(shape[:-1]))
+        values = np.random.default_rng(list(shape)).standard_normal(shape)
+        return jnp.asarray(scale * values / np.sqrt(fan_in), dtype)
+
+    return init
+
+
+class Inner(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, z):
+        return nn.Dense(self.features, kernel_init=small(), param_dtype=F64, name="mix")(z)
+
+
+class DenseCell(nn.Module):
+    """z ↦ tanh(Inner(z) + Dense(x)), with a nested submodule."""
+
+    features: int = 3
+
+    @nn.compact
+    def __call__(self, z, x):
+        return jnp.tanh(
+            Inner(self.features)(z)
+            + nn.Dense(self.features, kernel_init=small(1.0), param_dtype=F64)(x)
+        )
+
+
+class ConvNormCell(nn.Module):
+    """z ↦ LayerNorm(GroupNorm(tanh(Conv(z) + x))) / 2 on images."""
+
+    @nn.compact
+    def __call__(self, z, x):
+        conv = nn.Conv(z.shape[-1], (3, 3), kernel_init=small(0.15), param_dtype=F64)
+        h = nn.GroupNorm(num_groups=2, param_dtype=F64)(jnp.tanh(conv(z) + x))
+        return 0.5 * nn.LayerNorm(param_dtype=F64)(h)
+
+
+def _data(shape, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), F64)
+
+
+def _variables(cell: nn.Module, x, **rngs):
+    """The DEQ's variables, from the cell's own (cheap, solve-free) init."""
+    cell_variables = cell.init({"params": jax.random.key(0), **rngs}, np.zeros_like(x), x)
+    return {name: {"cell": tree} for name, tree in cell_variables.items()}
+
+
+def _deq(cell: nn.Module, **kwargs) -> DEQ:
+    return DEQ(cell, **{**FAST, **kwargs})
+
+
+def _unrolled(cell: nn.Module, variables, x):
+    cell_variables = {name: tree["cell"] for name, tree in variables.items()}
+    return lax.fori_loop(
+        0, UNROLL, lambda _, z: cell.apply(cell_variables, z, x), jnp.zeros_like(x)
+    )
+
+
+def _assert_tree_allclose(actual, expected, rtol=1e-7, atol=1e-9):
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol),
+        actual,
+        expected,
+    )
+
+
+CELLS = {
+    "dense-nested": (DenseCell(), (2, 3)),
+    "conv-groupnorm-layernorm": (ConvNormCell(), (2, 3, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_matches_unrolled_iteration(name):
+    """Value and gradient w.r.t. parameters and input (and, for one cell, the JVP)."""
+    cell, shape = CELLS[name]
+    x, weights = _data(shape), _data(shape, seed=2)
+    variables = _variables(cell, x)
+    tangents = (jax.tree.map(np.ones_like, variables), _data(shape, seed=3))
+
+    @jax.jit
+    def both(variables, x):
+        def derivatives(layer):
+            loss = lambda v, x: jnp.sum(weights * layer(v, x) ** 2)
+            out = jax.value_and_grad(loss, argnums=(0, 1))(variables, x)
+            if name == "dense-nested":  # forward mode as well
+                out = out, jax.jvp(layer, (variables, x), tangents)
+            return out
+
+        return derivatives(_deq(cell).apply), derivatives(functools.partial(_unrolled, cell))
+
+    implicit, unrolled = both(variables, x)
+    _assert_tree_allclose(implicit, unrolled)
+
+
+class TinyCell(nn.Module):
+    @nn.compact
+    def __call__(self, z, x):
+        return jnp.tanh(nn.Dense(z.shape[-1], kernel_init=small(), param_dtype=F64)(z) + x)
+
+
+def test_derivatives_match_finite_differences_to_third_order():
+    x = _data((1, 2))
+    model = DEQ(
+        TinyCell(),
+        solver=implicax.FixedPointIteration(max_steps=200),
+        linear_solver=implicax.Dense(),
+    )
+    args = (_variables(TinyCell(), x), x)
+    check_derivatives(model.apply, args, order=3, modes=("fwd", "rev"), transforms=("none",))
+
+
+class VariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_layer_call(self):
+        x = _data((2, 3))
+        variables = _variables(DenseCell(), x)
+        z = self.variant(_deq(DenseCell()).apply)(variables, x)
+        fixed = DenseCell().apply({"params": variables["params"]["cell"]}, z, x)
+        np.testing.assert_allclose(fixed, z, rtol=1e-9, atol=1e-10)
+
+
+def test_vmap_matches_batch():
+    x = _data((4, 3))
+    variables = _variables(DenseCell(), x)
+    apply = _deq(DenseCell()).apply
+
+    @jax.jit
+    def both(x):
+        value_and_grad = jax.value_and_grad(lambda x: jnp.sum(apply(variables, x) ** 2))
+        return jax.vmap(value_and_grad)(x), value_and_grad(x)
+
+    (values, grads), (value, grad) = both(x)
+    _assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
+
+
+class Net(nn.Module):
+    """Dense → DEQ → Dense: the model of the training-step tests."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(3, kernel_init=small(1.0), param_dtype=F64)(x)
+        z = DEQ(DenseCell(), name="deq", **FAST)(h)
+        return nn.Dense(2, kernel_init=small(1.0), param_dtype=F64)(z)
+
+
+OPTIMIZER = optax.adam(1e-2)
+
+
+def _step(apply, params, opt_state, x, y, axis_name=None):
+    value, grads = jax.value_and_grad(lambda p: jnp.mean((apply(p, x) - y) ** 2))(params)
+    if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+
+@pytest.fixture(scope="module")
+def training():
+    """Parameters, a batch, and one reference training step on one device."""
+    x, y = _data((8, 5)), _data((8, 2), seed=4)
+    params = jax.jit(Net().init)(jax.random.key(0), x)
+    new_params, _, value = jax.jit(functools.partial(_step, Net().apply))(
+        params, OPTIMIZER.init(params), x, y
+    )
+    return params, x, y, (new_params, value)
+
+
+def _mesh():
+    return jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_sharded_jit_training_step(training):
+    params, x, y, expected = training
+    mesh = _mesh()
+    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    opt_state = jax.device_put(OPTIMIZER.init(params), replicated)
+    step = jax.jit(functools.partial(_step, Net().apply))
+    new_params, _, value = step(
+        params, opt_state, jax.device_put(x, sharded), jax.device_put(y, sharded)
+    )
+    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+
+
+def test_pmap_training_step(training):
+    params, x, y, expected = training
+    stacked = NamedSharding(_mesh(), P("data"))  # leading axis: one slice per device
+
+    def replicate(tree):
+        return jax.device_put(jax.tree.map(lambda a: np.stack([a] * 4), tree), stacked)
+
+    step = jax.pmap(functools.partial(_step, Net().apply, axis_name="data"), axis_name="data")
+    new_params, _, _ = step(
+        replicate(params),
+        replicate(OPTIMIZER.init(params)),
+        jax.device_put(np.reshape(x, (4, 2, -1)), stacked),
+        jax.device_put(np.reshape(y, (4, 2, -1)), stacked),
+    )
+    _assert_tree_allclose(
+        jax.tree.map(lambda a: np.asarray(a)[0], new_params), expected[0], rtol=1e-8
+    )
+
+
+def test_shard_map_training_step(training):
+    params, x, y, expected = training
+    apply = jax.shard_map(Net().apply, mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P("data"))
+    new_params, _, value = jax.jit(functools.partial(_step, apply))(
+        params, OPTIMIZER.init(params), x, y
+    )
+    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+
+
+def test_parameters_follow_flax_ownership():
+    class WithSetup(nn.Module):
+        def setup(self):
+            self.deq = DEQ(DenseCell())  # cell constructed in setup: owned by the DEQ
+
+        def __call__(self, x):
+            return self.deq(x)
+
+    class WithCompact(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return DEQ(DenseCell())(x)  # cell constructed in compact: owned by this module
+
+    x = _data((2, 3))
+    params = jax.eval_shape(WithSetup().init, jax.random.key(0), x)["params"]
+    assert set(params) == {"deq"} and set(params["deq"]) == {"cell"}
+    params = jax.eval_shape(WithCompact().init, jax.random.key(0), x)["params"]
+    assert set(params) == {"DenseCell_0"}
+
+
+def test_stats_sown_and_returned():
+    x = _data((2, 3))
+    variables = _variables(DenseCell(), x)
+
+    @jax.jit
+    def run(variables, x):
+        sown = DEQ(DenseCell()).apply(variables, x, mutable=["intermediates"])
+        return sown, DEQ(DenseCell()).apply(variables, x, return_stats=True)
+
+    (z, state), returned = run(variables, x)
+    (stats,) = state["intermediates"]["solve_stats"]
+    assert isinstance(stats, implicax.SolveStats)
+    assert bool(stats.converged) and int(stats.steps) > 0 and float(stats.residual_norm) < 1e-9
+    _assert_tree_allclose(returned, (z, stats))
+
+
+class DropoutCell(nn.Module):
+    @nn.compact
+    def __call__(self, z, x):
+        h = nn.Dense(3, kernel_init=small(), param_dtype=F64)(z)
+        return jnp.tanh(nn.Dropout(0.5, deterministic=False)(h) + x)
+
+
+def test_dropout_mask_fixed_per_solve():
+    x = _data((4, 3))
+    variables = _variables(DropoutCell(), x, dropout=jax.random.key(1))
+    model = _deq(DropoutCell())
+    run = jax.jit(lambda v, x, key: model.apply(v, x, rngs={"dropout": key}, return_stats=True))
+    (z1, stats), (z2, _), (z3, _) = (run(variables, x, jax.random.key(k)) for k in (5, 5, 6))
+    assert bool(stats.converged)  # one mask for the whole solve: a deterministic map
+    np.testing.assert_array_equal(z1, z2)
+    assert not np.allclose(z1, z3)
+    # The implicit derivative is exact for the solve's mask.
+    f = lambda v, x: run(v, x, jax.random.key(5))[0]
+    check_derivatives(f, (variables, x), order=1, modes=("rev",), transforms=("none",))
+    with pytest.raises(flax.errors.InvalidRngError):
+        jax.eval_shape(model.apply, variables, x)  # needs a "dropout" stream, as without DEQ
+
+
+class BatchNormCell(nn.Module):
+    train: bool
+
+    @nn.compact
+    def __call__(self, z, x):
+        h = nn.Dense(3, kernel_init=small(), param_dtype=F64)(z)
+        h = nn.BatchNorm(use_running_average=not self.train, momentum=0.5, param_dtype=F64)(h)
+        return jnp.tanh(0.2 * h + x)
+
+
+def test_batchnorm_statistics_updated_once_from_equilibrium():
+    x = _data((6, 3))
+    train, evaluate = BatchNormCell(train=True), BatchNormCell(train=False)
+    variables = _variables(train, x)
+
+    @jax.jit
+    def run(variables, x):
+        z, updates = _deq(train).apply(variables, x, mutable=["batch_stats"])
+        cell_variables = {name: tree["cell"] for name, tree in variables.items()}
+        again = train.apply(cell_variables, z, x, mutable=["batch_stats"])
+        return z, updates, again, _deq(evaluate).apply({**variables, **updates}, x)
+
+    z, updates, (image, cell_updates), z_eval = run(variables, x)
+    np.testing.assert_allclose(image, z, atol=1e-9)  # z* is a fixed point of the training map
+    _assert_tree_allclose(updates["batch_stats"]["cell"], cell_updates["batch_stats"])
+    assert not np.allclose(updates["batch_stats"]["cell"]["BatchNorm_0"]["mean"], 0)
+    assert z_eval.shape == x.shape
+    with pytest.raises(flax.errors.ModifyScopeVariableError):
+        jax.eval_shape(DEQ(train).apply, variables, x)  # immutable statistics, as without DEQ
+
+
+def test_integer_input_needs_z0():
+    with pytest.raises(TypeError, match="z0"):
+        DEQ(DenseCell()).init(jax.random.key(0), jnp.ones((2, 3), jnp.int32))

@@ -1,0 +1,350 @@
+"""implicax_haiku.DEQ: derivatives against unrolled iteration and finite differences, chex
+variants, vmap / pmap / shard_map / sharded-jit training steps, cells, parameter placement,
+random keys, state and dropout.
+
+Compilation dominates the run time, so each test compiles as few programs as it can.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from implicax_haiku import DEQ
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import implicax
+from implicax.testing import check_derivatives
+
+F64 = jnp.float64
+UNROLL = 80  # plain iterations for the reference; the test cells contract by about 0.5
+# The adapter does not depend on the solvers. These compile several times faster than the
+# defaults, which the statistics test and the examples exercise.
+FAST = {
+    "solver": implicax.FixedPointIteration(max_steps=300),
+    "linear_solver": implicax.Neumann(max_steps=300),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def small(scale: float = 0.25):
+    """Weight initializer with operator norm about 2·scale (the tanh cells contract), drawn with
+    NumPy, so that ``init`` needs no random key (and no threefry compilation)."""
+
+    def init(shape, dtype):
+        fan_in = int(np.prod(shape[:-1]))
+        values = np.random.default_rng(list(shape)).standard_normal(shape)
+        return jnp.asarray(scale * values / np.sqrt(fan_in), dtype)
+
+    return init
+
+
+def _data(shape, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), F64)
+
+
+class Inner(hk.Module):
+    def __call__(self, z):
+        return hk.Linear(z.shape[-1], w_init=small(), name="mix")(z)
+
+
+def dense_cell(z, x):
+    """z ↦ tanh(Inner(z) + Linear(x)): a function cell with a nested module."""
+    return jnp.tanh(Inner()(z) + hk.Linear(z.shape[-1], w_init=small(1.0))(x))
+
+
+class ConvNormCell(hk.Module):
+    """z ↦ LayerNorm(GroupNorm(tanh(Conv(z) + x))) / 2 on images: a module-instance cell."""
+
+    def __call__(self, z, x):
+        h = jnp.tanh(hk.Conv2D(z.shape[-1], 3, w_init=small(0.15))(z) + x)
+        h = hk.GroupNorm(2)(h)
+        return 0.5 * hk.LayerNorm(-1, create_scale=True, create_offset=True)(h)
+
+
+def _transformed(make_cell, **kwargs) -> hk.Transformed:
+    return hk.transform(lambda x: DEQ(make_cell(), **{**FAST, **kwargs})(x))
+
+
+def _unrolled(make_cell, params, x):
+    """Plain iteration of the cell with the DEQ's parameters."""
+    cell = hk.transform(lambda z, x: make_cell()(z, x))
+    cell_params = {name.removeprefix("deq/cell/"): value for name, value in params.items()}
+    step = lambda _, z: cell.apply(cell_params, None, z, x)
+    return lax.fori_loop(0, UNROLL, step, jnp.zeros_like(x))
+
+
+def _assert_tree_allclose(actual, expected, rtol=1e-7, atol=1e-9):
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol),
+        actual,
+        expected,
+    )
+
+
+CELLS = {
+    "dense-nested": (lambda: dense_cell, (2, 3)),
+    "conv-groupnorm-layernorm": (ConvNormCell, (2, 3, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_matches_unrolled_iteration(name):
+    """Value and gradient w.r.t. parameters and input (and, for one cell, the JVP)."""
+    make_cell, shape = CELLS[name]
+    x, weights = _data(shape), _data(shape, seed=2)
+    model = _transformed(make_cell)
+    params = model.init(None, x)  # deterministic initializers: no key needed
+    assert all(name.startswith("deq/cell/") for name in params)
+    tangents = (jax.tree.map(np.ones_like, params), _data(shape, seed=3))
+
+    @jax.jit
+    def both(params, x):
+        def derivatives(layer):
+            loss = lambda p, x: jnp.sum(weights * layer(p, x) ** 2)
+            out = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+            if name == "dense-nested":  # forward mode as well
+                out = out, jax.jvp(layer, (params, x), tangents)
+            return out
+
+        implicit = lambda p, x: model.apply(p, None, x)  # no rng: the cell draws none
+        return derivatives(implicit), derivatives(functools.partial(_unrolled, make_cell))
+
+    got, expected = both(params, x)
+    _assert_tree_allclose(got, expected)
+
+
+def tiny_cell(z, x):
+    return jnp.tanh(hk.Linear(z.shape[-1], w_init=small())(z) + x)
+
+
+def test_derivatives_match_finite_differences_to_third_order():
+    solvers = {
+        "solver": implicax.FixedPointIteration(max_steps=200),
+        "linear_solver": implicax.Dense(),
+    }
+    model = _transformed(lambda: tiny_cell, **solvers)
+    x = _data((1, 2))
+    layer = lambda p, x: model.apply(p, None, x)
+    args = (model.init(None, x), x)
+    check_derivatives(layer, args, order=3, modes=("fwd", "rev"), transforms=("none",))
+
+
+class VariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_layer_call(self):
+        x = _data((2, 3))
+        model = _transformed(lambda: dense_cell)
+        params = model.init(None, x)
+        z = self.variant(lambda p, x: model.apply(p, None, x))(params, x)
+        cell = hk.transform(dense_cell)
+        image = cell.apply({k.removeprefix("deq/cell/"): v for k, v in params.items()}, None, z, x)
+        np.testing.assert_allclose(image, z, rtol=1e-9, atol=1e-10)  # a fixed point
+
+
+def test_vmap_matches_batch():
+    x = _data((4, 3))
+    model = _transformed(lambda: dense_cell)
+    params = model.init(None, x)
+
+    @jax.jit
+    def both(x):
+        value_and_grad = jax.value_and_grad(lambda x: jnp.sum(model.apply(params, None, x) ** 2))
+        return jax.vmap(value_and_grad)(x), value_and_grad(x)
+
+    (values, grads), (value, grad) = both(x)
+    _assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
+
+
+def net(x):
+    """Linear → DEQ → Linear: the model of the training-step tests."""
+    h = hk.Linear(3, w_init=small(1.0))(x)
+    return hk.Linear(2, w_init=small(1.0))(DEQ(dense_cell, **FAST)(h))
+
+
+NET = hk.transform(net)
+OPTIMIZER = optax.adam(1e-2)
+
+
+def _step(apply, params, opt_state, x, y, axis_name=None):
+    value, grads = jax.value_and_grad(lambda p: jnp.mean((apply(p, x) - y) ** 2))(params)
+    if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+
+def _net_apply(params, x):
+    return NET.apply(params, None, x)
+
+
+@pytest.fixture(scope="module")
+def training():
+    """Parameters, a batch, and one reference training step on one device."""
+    x, y = _data((8, 5)), _data((8, 2), seed=4)
+    params = NET.init(None, x)
+    new_params, _, value = jax.jit(functools.partial(_step, _net_apply))(
+        params, OPTIMIZER.init(params), x, y
+    )
+    return params, x, y, (new_params, value)
+
+
+def _mesh():
+    return jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_sharded_jit_training_step(training):
+    params, x, y, expected = training
+    mesh = _mesh()
+    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    opt_state = jax.device_put(OPTIMIZER.init(params), replicated)
+    step = jax.jit(functools.partial(_step, _net_apply))
+    new_params, _, value = step(
+        params, opt_state, jax.device_put(x, sharded), jax.device_put(y, sharded)
+    )
+    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+
+
+def test_pmap_training_step(training):
+    params, x, y, expected = training
+    stacked = NamedSharding(_mesh(), P("data"))  # leading axis: one slice per device
+
+    def replicate(tree):
+        return jax.device_put(jax.tree.map(lambda a: np.stack([a] * 4), tree), stacked)
+
+    step = jax.pmap(functools.partial(_step, _net_apply, axis_name="data"), axis_name="data")
+    new_params, _, _ = step(
+        replicate(params),
+        replicate(OPTIMIZER.init(params)),
+        jax.device_put(np.reshape(x, (4, 2, -1)), stacked),
+        jax.device_put(np.reshape(y, (4, 2, -1)), stacked),
+    )
+    new_params = jax.tree.map(lambda a: np.asarray(a)[0], new_params)
+    _assert_tree_allclose(new_params, expected[0], rtol=1e-8)
+
+
+def test_shard_map_training_step(training):
+    params, x, y, expected = training
+    apply = jax.shard_map(_net_apply, mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P("data"))
+    new_params, _, value = jax.jit(functools.partial(_step, apply))(
+        params, OPTIMIZER.init(params), x, y
+    )
+    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+
+
+def test_parameter_placement_and_reuse():
+    def forward(x):
+        shared = DEQ(dense_cell, **FAST)
+        z = shared(shared(x))  # one instance called twice: one set of parameters
+        cell = Inner()  # a module instance created outside the DEQ
+
+        def instance_cell(z, x):
+            return jnp.tanh(cell(z) + x)
+
+        return DEQ(instance_cell, **FAST)(z)
+
+    params = jax.eval_shape(hk.transform(forward).init, None, _data((2, 3)))
+    assert set(params) == {"deq/cell/inner/mix", "deq/cell/linear", "deq_1/cell/inner/mix"}
+
+
+def test_stats_returned():
+    x = _data((2, 3))
+    model = hk.transform(lambda x: DEQ(dense_cell)(x, return_stats=True))  # default solvers
+    params = model.init(None, x)
+    z, stats = jax.jit(lambda p, x: model.apply(p, None, x))(params, x)
+    assert isinstance(stats, implicax.SolveStats)
+    assert bool(stats.converged) and int(stats.steps) > 0 and float(stats.residual_norm) < 1e-9
+
+
+def test_rng_drawn_only_when_the_cell_needs_it():
+    def forward(x, random_cell):
+        def cell(z, x):
+            if random_cell:
+                z = z + 0.01 * jax.random.normal(hk.next_rng_key(), z.shape, z.dtype)
+            return dense_cell(z, x)
+
+        DEQ(cell, **FAST)(x)
+        return hk.maybe_next_rng_key()  # the key after the DEQ: did the DEQ draw one?
+
+    model = hk.transform(forward)
+    x = _data((2, 3))
+    params = model.init(None, x, False)
+    key = jax.random.key(3)
+    first_key = hk.transform(lambda: hk.next_rng_key()).apply({}, key)
+    run = jax.jit(model.apply, static_argnums=3)
+    np.testing.assert_array_equal(
+        jax.random.key_data(run(params, key, x, False)), jax.random.key_data(first_key)
+    )
+    assert not np.array_equal(
+        jax.random.key_data(run(params, key, x, True)), jax.random.key_data(first_key)
+    )
+
+
+def dropout_cell(z, x):
+    h = hk.Linear(z.shape[-1], w_init=small())(z)
+    return jnp.tanh(hk.dropout(hk.next_rng_key(), 0.5, h) + x)
+
+
+def test_dropout_mask_fixed_per_solve():
+    x = _data((4, 3))
+    model = hk.transform(lambda x: DEQ(dropout_cell, **FAST)(x, return_stats=True))
+    params = model.init(jax.random.key(0), x)
+    run = jax.jit(model.apply)
+    (z1, stats), (z2, _), (z3, _) = (run(params, jax.random.key(k), x) for k in (5, 5, 6))
+    assert bool(stats.converged)  # one mask for the whole solve: a deterministic map
+    np.testing.assert_array_equal(z1, z2)
+    assert not np.allclose(z1, z3)
+    # The implicit derivative is exact for the solve's mask.
+    f = lambda p, x: run(p, jax.random.key(5), x)[0]
+    check_derivatives(f, (params, x), order=1, modes=("rev",), transforms=("none",))
+    with pytest.raises(ValueError, match="PRNGKey"):
+        jax.eval_shape(model.apply, params, None, x)  # the cell needs a key
+
+
+def batchnorm_cell(z, x):
+    h = hk.Linear(z.shape[-1], w_init=small())(z)
+    h = hk.BatchNorm(True, True, decay_rate=0.5)(h, is_training=True)
+    return jnp.tanh(0.2 * h + x)
+
+
+def test_batchnorm_state_updated_once_from_equilibrium():
+    x = _data((6, 3))
+    model = hk.transform_with_state(lambda x: DEQ(batchnorm_cell, **FAST)(x))
+    cell = hk.transform_with_state(batchnorm_cell)
+    params, state = model.init(None, x)
+    assert all(name.startswith("deq/cell/") for name in state)
+
+    @jax.jit
+    def run(params, state, x):
+        z, new_state = model.apply(params, state, None, x)
+        strip = lambda tree: {k.removeprefix("deq/cell/"): v for k, v in tree.items()}
+        image, cell_state = cell.apply(strip(params), strip(state), None, z, x)
+        return z, new_state, image, cell_state
+
+    z, new_state, image, cell_state = run(params, state, x)
+    np.testing.assert_allclose(image, z, atol=1e-9)  # z* is a fixed point of the training map
+    _assert_tree_allclose({f"deq/cell/{k}": v for k, v in cell_state.items()}, new_state)
+    with pytest.raises(ValueError, match="transform_with_state"):
+        hk.transform(lambda x: DEQ(batchnorm_cell, **FAST)(x)).init(None, x)
+
+
+def test_integer_input_needs_z0():
+    model = hk.transform(lambda x: DEQ(dense_cell)(x))
+    with pytest.raises(TypeError, match="z0"):
+        model.init(None, jnp.ones((2, 3), jnp.int32))
