@@ -193,3 +193,26 @@ def test_non_differentiable_callable_solver():
         jax.jacrev(implicit)(B), jax.jacrev(lambda b: unrolled_tanh((W, b)))(B), rtol=1e-8
     )
     check_grads(implicit, (B,), order=2, modes=("fwd", "rev"))
+
+
+def test_closed_over_integer_arrays_and_keys_under_differentiated_jit():
+    # Non-float values closed over inside an outer jit must not leak as stale tracers.
+    def solve(p, shift, key):
+        noise = jax.random.normal(key, (N,))
+        return implicax.fixed_point_solve(
+            lambda x, p: jnp.tanh(p * x + shift + noise), jnp.zeros(N), p
+        )
+
+    def unrolled(p, shift, key):
+        noise = jax.random.normal(key, (N,))
+        return jax.lax.fori_loop(0, 200, lambda _, x: jnp.tanh(p * x + shift + noise), jnp.zeros(N))
+
+    args = (jnp.asarray(0.5), jnp.arange(N), jax.random.key(0))
+    _, vjp = jax.vjp(jax.jit(solve), *args)
+    _, vjp_expected = jax.vjp(unrolled, *args)
+    np.testing.assert_allclose(vjp(jnp.ones(N))[0], vjp_expected(jnp.ones(N))[0], rtol=1e-9)
+    np.testing.assert_allclose(
+        jax.jacfwd(lambda p: jax.jit(solve)(p, *args[1:]))(args[0]),
+        jax.jacfwd(lambda p: unrolled(p, *args[1:]))(args[0]),
+        rtol=1e-9,
+    )

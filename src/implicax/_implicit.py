@@ -121,6 +121,24 @@ def _check_like(out: PyTree, like: PyTree, out_name: str, like_name: str) -> Non
             )
 
 
+def _closure_convert(fn, x0, params):
+    """fn as ``function(x, params, *consts)``, with every array fn closes over made an argument.
+
+    The custom_jvp rule must see closed-over arrays as inputs to differentiate with respect to
+    them. `jax.closure_convert` hoists only values that can carry a tangent: integer arrays and
+    PRNG keys closed over inside an outer `jit` would stay in the function as stale tracers and
+    leak when that `jit` is differentiated, so all constants of fn's jaxpr are hoisted here.
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(x0, params)
+    out_tree = jax.tree.structure(out_shape)
+
+    def function(x, params, *consts):
+        out = jax.core.eval_jaxpr(closed.jaxpr, list(consts), *jax.tree.leaves((x, params)))
+        return jax.tree.unflatten(out_tree, out)
+
+    return function, list(closed.consts)
+
+
 def _check_x0(x0: PyTree) -> PyTree:
     x0 = jax.tree.map(jnp.asarray, x0)
     leaves = jax.tree_util.tree_leaves_with_path(x0)
@@ -159,7 +177,7 @@ def _implicit_solve(
     # replicated x0). Give x0 the output's type up front so the loop carry keeps one type and the
     # closure-converted fn is traced for the type it will be called with.
     x0 = jax.tree.map(lambda a, o: make_varying(a, varying_axes(o)), x0, out)
-    function, consts = jax.closure_convert(fn, x0, params)
+    function, consts = _closure_convert(fn, x0, params)
     spec = _Spec(function, fixed_point, solver, linear_solver, on_failure)
     x, stats = _solve(spec, lax.stop_gradient(x0), params, consts)
     return (x, _unpack(lax.stop_gradient(stats))) if return_stats else x
