@@ -10,6 +10,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ._misc import PyTree, default_tolerance, least_precise_dtype
 
@@ -115,17 +116,22 @@ def apply_failure_policy(
     return x
 
 
-def _batched_callback(callback, *args):
-    """`jax.debug.callback` that runs once per call, not once per batch element under vmap."""
+def _batched_callback(callback, converged, *args):
+    """Run ``callback(converged, *args)`` on the host only if some element failed.
+
+    Under vmap the check runs once on the whole batch (a custom_vmap rule un-batches it), so
+    the branch stays a real `lax.cond`: a converged solve pays for one predicate, no transfer.
+    """
 
     @jax.custom_batching.custom_vmap
-    def run(args):
-        jax.debug.callback(callback, *args)
-        return args
+    def run(values):
+        ok = jnp.all(values[0])
+        lax.cond(ok, lambda: None, lambda: jax.debug.callback(callback, *values))
+        return values
 
     @run.def_vmap
-    def _(axis_size, in_batched, args):
+    def _(axis_size, in_batched, values):
         del axis_size
-        return run(args), in_batched[0]
+        return run(values), in_batched[0]
 
-    run(args)
+    run((converged, *args))
