@@ -194,10 +194,8 @@ def test_code_block_parser():
     ]
 
 
-@pytest.mark.parametrize("path", markdown_files(), ids=_id)
+@pytest.mark.parametrize("path", [p for p in markdown_files() if _runnable(p)], ids=_id)
 def test_code_blocks_run(path: Path, doc_runs: dict):
-    if not _runnable(path):
-        pytest.skip("no runnable python blocks")
     run = doc_runs[str(path)]
     assert run["error"] is None, (
         f"a code block in {_id(path)} failed (mark blocks that are not meant to run with "
