@@ -22,7 +22,7 @@ from jax import lax
 from ._config import FailurePolicy, SolveStats, apply_failure_policy, check_policy
 from ._linear import BiCGStab, _LinearSolver, as_linear_solver
 from ._misc import PyTree, make_varying, max_abs, varying_axes
-from ._solvers import Anderson, Newton, Problem, _ForwardSolver
+from ._solvers import FixedPointIteration, Newton, Problem, _ForwardSolver
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -253,7 +253,7 @@ def fixed_point_solve(
         fn: the map, ``fn(x, params)``, returning a pytree like x.
         x0: initial guess; the solution keeps its structure and dtypes.
         params: any pytree of arrays that fn depends on.
-        solver: `Anderson` (default), `FixedPointIteration`, `Broyden`, `Newton`, or any
+        solver: `FixedPointIteration` (default), `Anderson`, `Broyden`, `Newton`, or any
             callable ``solver(fn, x0, params) -> x``.
         linear_solver: `BiCGStab` (default), `GMRES`, `Neumann` (fax's two-phase adjoint
             iteration; needs a contraction), `Dense`, `CG` (only for symmetric I − ∂fn/∂x),
@@ -274,5 +274,5 @@ def fixed_point_solve(
         linear_solver=linear_solver,
         on_failure=on_failure,
         return_stats=return_stats,
-        default_solver=Anderson(),
+        default_solver=FixedPointIteration(),
     )
