@@ -30,20 +30,8 @@ def tree_axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: (a * u + v).astype(v.dtype), x, y)
 
 
-def tree_scale(a: jax.Array, x: PyTree) -> PyTree:
-    return jax.tree.map(lambda u: (a * u).astype(u.dtype), x)
-
-
 def tree_sub(x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(jnp.subtract, x, y)
-
-
-def tree_add(x: PyTree, y: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, x, y)
-
-
-def tree_where(pred: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), x, y)
 
 
 def tree_zeros_like(x: PyTree) -> PyTree:
