@@ -45,9 +45,8 @@ class _Spec:
             return self.solver.solve(problem, x0)
         x = self.solver(lambda x, p: self.function(x, p, *consts), x0, params)
         _check_like(x, x0, "the solver's output", "x0")
-        residual = problem.residual(x)
-        finite = jnp.isfinite(max_abs(residual))
-        return x, SolveStats(jnp.asarray(-1, jnp.int32), max_abs(residual), finite)
+        residual_norm = max_abs(problem.residual(x))
+        return x, SolveStats(jnp.asarray(-1, jnp.int32), residual_norm, jnp.isfinite(residual_norm))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
