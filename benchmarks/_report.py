@@ -100,8 +100,12 @@ def find(results: list[Result], name: str) -> Result | None:
     return None
 
 
-def targets(results: list[Result], implicax_names: list[str]) -> list[dict]:
-    """The issue's targets, evaluated on one table (same process, same inputs)."""
+def targets(results: list[Result], implicax_names: list[str], sweep: list[str]) -> list[dict]:
+    """The issue's targets, evaluated on one table (same process, same inputs).
+
+    `sweep`: rows of one implicax configuration at several tolerances; the fastest of them
+    whose gradient error is at most the fastest anchor's is checked against that anchor too.
+    """
     plain = next((r for r in results if r.family == "plain" and r.forward_ms), None)
     anchors = [
         r for r in results if r.family in ("jaxopt", "optimistix") and r.vg_ms and not r.error
@@ -184,6 +188,33 @@ def targets(results: list[Result], implicax_names: list[str]) -> list[dict]:
                 1.0,
                 holds=growth <= 1.0 + 1e-9,
                 detail=f"{imp.memory[low] / 2**20:.3f} → {imp.memory[high] / 2**20:.3f} MiB",
+            )
+    if anchors:
+        fastest = min(anchors, key=lambda r: r.vg_ms)
+        swept = [find(results, name) for name in sweep]
+        accurate = [
+            r
+            for r in swept
+            if r
+            and r.vg_ms
+            and r.grad_error is not None
+            and fastest.grad_error is not None
+            and r.grad_error <= fastest.grad_error
+        ]
+        if accurate:
+            best = min(accurate, key=lambda r: r.vg_ms)
+            ratio = best.vg_ms / fastest.vg_ms
+            checks.append(
+                dict(
+                    row=f"{best.name} (fastest of {len(sweep)} tolerances at the anchor's accuracy)",
+                    what="value_and_grad / fastest anchor's, at equal or better gradient error",
+                    value=f"{ratio:.2f}x",
+                    limit="≤ 0.5x",
+                    holds=ratio <= 0.5,
+                    detail=f"{fastest.name}: {fastest.vg_ms:.2f} vs {best.vg_ms:.2f} ms (minima: "
+                    f"×{best.vg_ms_min / fastest.vg_ms_min:.2f}), grad error "
+                    f"{fastest.grad_error:.2e} vs {best.grad_error:.2e}",
+                )
             )
     return checks
 

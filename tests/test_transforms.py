@@ -1,6 +1,10 @@
 """The public entry points under jit, vmap (nested, over params and/or x0), device placement and
 pmap (chex variants), with dtypes float32, float64 and bfloat16."""
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -108,3 +112,36 @@ def test_deterministic_across_runs():
     jax.clear_caches()
     second = np.asarray(jax.jit(jax.grad(fixed_point_sum))(B))
     np.testing.assert_array_equal(first, second)
+
+
+_DETERMINISM_SCRIPT = """
+import hashlib
+import jax, jax.numpy as jnp, numpy as np
+import implicax
+
+key_w, key_x = jax.random.split(jax.random.key(0))
+w = 0.9 * jax.random.orthogonal(key_w, 64)
+x = jax.random.normal(key_x, (32, 64))
+fn = lambda z, p: jnp.tanh(z @ p[0] + p[1])
+for solver in (implicax.FixedPointIteration(), implicax.Anderson(), implicax.Broyden()):
+    loss = lambda p: jnp.sum(implicax.fixed_point_solve(fn, jnp.zeros_like(x), p, solver=solver) ** 2)
+    value, grads = jax.jit(jax.value_and_grad(loss))((w, x))
+    for a in (value, *grads):
+        print(hashlib.sha256(np.asarray(a).tobytes()).hexdigest())
+"""
+
+
+def test_bitwise_identical_across_processes():
+    # Separate processes: fresh compilation, thread pools and allocations each time
+    # (float32 matrix products large enough to be split across threads).
+    def run():
+        return subprocess.run(
+            [sys.executable, "-c", _DETERMINISM_SCRIPT],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        ).stdout.split()
+
+    first, second = run(), run()
+    assert len(first) == 9 and first == second

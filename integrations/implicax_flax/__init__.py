@@ -39,7 +39,7 @@ FailurePolicy = Literal["warn", "nan", "raise", "ignore"]  # as implicax.fixed_p
 class DEQ(nn.Module):
     """Deep equilibrium layer (linen): returns z* with z* = cell(z*, x).
 
-    The equilibrium is found by `implicax.fixed_point_solve` (Anderson acceleration by default)
+    The equilibrium is found by `implicax.fixed_point_solve` (fixed-point iteration by default)
     starting from ``z0`` (zeros shaped like ``x`` when omitted). Its derivatives with respect to
     the cell's parameters and to ``x`` come from the implicit function theorem,
     (I − ∂cell/∂z)·ż = ∂cell/∂θ·θ̇, solved by ``linear_solver`` at z* without backpropagating
@@ -73,7 +73,7 @@ class DEQ(nn.Module):
 
     Attributes:
         cell: the linen module defining the map z ↦ cell(z, x).
-        solver: forward solver; None for `implicax.fixed_point_solve`'s default (Anderson).
+        solver: forward solver; None for `implicax.fixed_point_solve`'s default (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see

@@ -43,7 +43,7 @@ class SolveStatsVariable(nnx.Variable):
 class DEQ(nnx.Module):
     """Deep equilibrium layer (Flax NNX): returns z* with z* = cell(z*, x).
 
-    The equilibrium is found by `implicax.fixed_point_solve` (Anderson acceleration by default)
+    The equilibrium is found by `implicax.fixed_point_solve` (fixed-point iteration by default)
     starting from ``z0`` (zeros shaped like ``x`` when omitted). Its derivatives with respect to
     the cell's parameters and to ``x`` come from the implicit function theorem,
     (I − ∂cell/∂z)·ż = ∂cell/∂θ·θ̇, solved by ``linear_solver`` at z*, to any order; the
@@ -75,7 +75,7 @@ class DEQ(nnx.Module):
     Args:
         cell: an `nnx.Module` (or any NNX graph node callable as ``cell(z, x)``) returning an
             array (or pytree) like z.
-        solver: forward solver; None for `implicax.fixed_point_solve`'s default (Anderson).
+        solver: forward solver; None for `implicax.fixed_point_solve`'s default (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see

@@ -35,7 +35,7 @@ FailurePolicy = Literal["warn", "nan", "raise", "ignore"]  # as implicax.fixed_p
 class DEQ(hk.Module):
     """Deep equilibrium layer (Haiku): returns z* with z* = cell(z*, x).
 
-    The equilibrium is found by `implicax.fixed_point_solve` (Anderson acceleration by default)
+    The equilibrium is found by `implicax.fixed_point_solve` (fixed-point iteration by default)
     starting from ``z0`` (zeros shaped like ``x`` when omitted). Its derivatives with respect to
     the cell's parameters and to ``x`` come from the implicit function theorem,
     (I − ∂cell/∂z)·ż = ∂cell/∂θ·θ̇, solved by ``linear_solver`` at z*, to any order and under
@@ -67,7 +67,7 @@ class DEQ(hk.Module):
 
     Args:
         cell: callable ``cell(z, x)`` returning an array (or pytree) like z.
-        solver: forward solver; None for `implicax.fixed_point_solve`'s default (Anderson).
+        solver: forward solver; None for `implicax.fixed_point_solve`'s default (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see
