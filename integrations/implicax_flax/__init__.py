@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import implicax
+from implicax._misc import deq_initial_state
 
 __all__ = ["DEQ"]
 
@@ -99,7 +99,11 @@ class DEQ(nn.Module):
         Returns:
             z*, or ``(z*, stats)`` when ``return_stats`` is True.
         """
-        z0 = _default_z0(x) if z0 is None else z0
+        if not isinstance(self.cell, nn.Module):
+            raise TypeError(
+                f"DEQ: cell must be a flax.linen Module called as cell(z, x), got {self.cell!r}."
+            )
+        z0 = deq_initial_state(x, z0)
         if self.is_initializing():
             self.cell(z0, x)  # create the cell's variables (unbind() returns none before)
         cell, variables = self.cell.unbind()
@@ -131,19 +135,6 @@ class DEQ(nn.Module):
             self.cell(z, x)  # record collection updates once, from the equilibrium
         self.sow("intermediates", "solve_stats", stats)
         return (z, stats) if return_stats else z
-
-
-def _default_z0(x: PyTree) -> PyTree:
-    def zeros(leaf):
-        leaf = jnp.asarray(leaf)
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(
-                f"DEQ: z0 defaults to zeros like x, which needs floating x; got {leaf.dtype}. "
-                "Pass z0 explicitly."
-            )
-        return jnp.zeros_like(leaf)
-
-    return jax.tree.map(zeros, x)
 
 
 def _writes_state(updates: dict) -> bool:

@@ -29,6 +29,7 @@ from flax import nnx
 from flax.errors import TraceContextError
 
 import implicax
+from implicax._misc import deq_initial_state
 
 __all__ = ["DEQ", "SolveStatsVariable"]
 
@@ -92,6 +93,11 @@ class DEQ(nnx.Module):
         on_failure: FailurePolicy = "warn",
         store_stats: bool = True,
     ):
+        if not callable(cell) or not nnx.graph.is_graph_node(cell):
+            raise TypeError(
+                "DEQ: cell must be an nnx.Module (or another NNX graph node) callable as "
+                f"cell(z, x), got {cell!r}."
+            )
         self.cell = cell
         self.solver = solver
         self.linear_solver = linear_solver
@@ -118,7 +124,7 @@ class DEQ(nnx.Module):
         Returns:
             z*, or ``(z*, stats)`` when ``return_stats`` is True.
         """
-        z0 = _default_z0(x) if z0 is None else z0
+        z0 = deq_initial_state(x, z0)
         graphdef, params, rest = nnx.split(self.cell, nnx.Param, ...)
 
         # All of the cell's state goes in through the solve's params, none by closure: implicax
@@ -145,16 +151,3 @@ class DEQ(nnx.Module):
             except TraceContextError:
                 pass  # merged outside the transformation it is called in: see the docstring
         return (z, stats) if return_stats else z
-
-
-def _default_z0(x: PyTree) -> PyTree:
-    def zeros(leaf):
-        leaf = jnp.asarray(leaf)
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(
-                f"DEQ: z0 defaults to zeros like x, which needs floating x; got {leaf.dtype}. "
-                "Pass z0 explicitly."
-            )
-        return jnp.zeros_like(leaf)
-
-    return jax.tree.map(zeros, x)

@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 import implicax
+from implicax._misc import deq_initial_state
 
 __all__ = ["DEQ"]
 
@@ -105,7 +105,7 @@ class DEQ(hk.Module):
         Returns:
             z*, or ``(z*, stats)`` when ``return_stats`` is True.
         """
-        z0 = _default_z0(x) if z0 is None else z0
+        z0 = deq_initial_state(x, z0)
         cell = hk.transform_with_state(lambda z, x: self.cell(z, x))
         lifted_init, updater = hk.lift_with_state(cell.init, allow_reuse=True, name="cell")
         init_rng = hk.maybe_next_rng_key() if hk.running_init() else None
@@ -141,16 +141,3 @@ def _uses_rng(apply: Callable, params: PyTree, state: PyTree, z0: PyTree, x: PyT
     return any(v is key for eqn in closed.jaxpr.eqns for v in eqn.invars) or any(
         v is key for v in closed.jaxpr.outvars
     )
-
-
-def _default_z0(x: PyTree) -> PyTree:
-    def zeros(leaf):
-        leaf = jnp.asarray(leaf)
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(
-                f"DEQ: z0 defaults to zeros like x, which needs floating x; got {leaf.dtype}. "
-                "Pass z0 explicitly."
-            )
-        return jnp.zeros_like(leaf)
-
-    return jax.tree.map(zeros, x)

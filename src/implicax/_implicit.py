@@ -42,11 +42,18 @@ class _Spec:
     def forward(self, x0, params, consts) -> tuple[PyTree, SolveStats]:
         problem = self.problem(params, consts)
         if isinstance(self.solver, _ForwardSolver):
-            return self.solver.solve(problem, x0)
-        x = self.solver(lambda x, p: self.function(x, p, *consts), x0, params)
-        _check_like(x, x0, "the solver's output", "x0")
-        residual_norm = max_abs(problem.residual(x))
-        return x, SolveStats(jnp.asarray(-1, jnp.int32), residual_norm, jnp.isfinite(residual_norm))
+            x, stats = self.solver.solve(problem, x0)
+        else:
+            x = self.solver(lambda x, p: self.function(x, p, *consts), x0, params)
+            _check_like(x, x0, "the solver's output", "x0")
+            residual_norm = max_abs(problem.residual(x))
+            stats = SolveStats(
+                jnp.asarray(-1, jnp.int32), residual_norm, jnp.isfinite(residual_norm)
+            )
+        # A non-finite solution never counts as converged, even where the residual is finite
+        # there (F(x) = tanh(x) at x = inf) and so meets a tolerance relative to |x|.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]))
+        return x, stats._replace(converged=stats.converged & finite)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -121,3 +121,23 @@ def while_loop(cond, body, init, axes: frozenset):
     """
     init = jax.tree.map(lambda leaf: make_varying(jnp.asarray(leaf), axes), init)
     return lax.while_loop(cond, body, init)
+
+
+def deq_initial_state(x: PyTree, z0: PyTree | None) -> PyTree:
+    """The DEQ adapters' z0: checked to be floating (the adapters first call the cell on it, whose
+    own layers would fail on integers with an unrelated message), or zeros shaped like x."""
+    if z0 is None:
+        for leaf in jax.tree.leaves(x):
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise TypeError(
+                    "DEQ: z0 defaults to zeros like x, which needs floating x; got "
+                    f"{jnp.result_type(leaf)}. Pass z0 explicitly."
+                )
+        return jax.tree.map(jnp.zeros_like, x)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(z0):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                "DEQ: z0 must hold floating-point arrays (the solution keeps z0's dtype); at "
+                f"{jax.tree_util.keystr(path) or '(root)'} got {jnp.result_type(leaf)}."
+            )
+    return z0

@@ -42,15 +42,47 @@ def two_phase_solve(
         DeprecationWarning,
         stacklevel=2,
     )
+    if not callable(param_func):
+        raise TypeError(
+            "two_phase_solve: param_func must be callable as param_func(params) -> (x -> x), "
+            f"got {param_func!r}."
+        )
+    solvers = _check_solvers(solvers)
     if solvers:
         first = solvers[0]
         solver: Any = lambda fn, x0, p: first(x0, p)
     else:
         solver = FixedPointIteration(max_steps=5000)
+
+    def fn(x, p):
+        step = param_func(p)
+        if not callable(step):
+            got = "an array" if hasattr(step, "dtype") else type(step).__name__
+            raise TypeError(
+                f"two_phase_solve: param_func(params) must return a callable x -> x, got {got}."
+            )
+        return step(x)
+
     return fixed_point_solve(
-        lambda x, p: param_func(p)(x),
+        fn,
         init_xs,
         params,
         solver=solver,
         linear_solver=Neumann(max_steps=5000),
     )
+
+
+def _check_solvers(solvers: Any) -> tuple:
+    message = "two_phase_solve: solvers must be a sequence of callables solver(init_x, params) -> x"
+    if callable(solvers):
+        raise TypeError(f"{message}, got one callable {solvers!r}; pass [solver].")
+    if isinstance(solvers, (str, bytes)):
+        raise TypeError(f"{message}, got {solvers!r}.")
+    try:
+        solvers = tuple(solvers)
+    except TypeError:
+        raise TypeError(f"{message}, got {solvers!r}.") from None
+    for i, entry in enumerate(solvers):
+        if not callable(entry):
+            raise TypeError(f"{message}; solvers[{i}] is {entry!r}.")
+    return solvers

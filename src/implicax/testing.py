@@ -47,17 +47,73 @@ def check_derivatives(
         transforms: any of ``"none"``, ``"jit"``, ``"vmap"`` (a batch of two copies of args;
             every output row is checked), ``"pmap"`` (args replicated over all local devices).
         atol, rtol, eps: passed to `check_grads` (defaults: its per-dtype tolerances).
+
+    Raises:
+        TypeError or ValueError: for invalid options, and for arguments that are not floating
+            or not finite.
+        AssertionError: when a derivative mismatches, or f's value at args is not finite (its
+            finite differences would then be NaN, which compares equal to a NaN derivative).
     """
-    unknown = set(transforms) - set(TRANSFORMS)
-    if unknown:
-        raise ValueError(f"unknown transforms {sorted(unknown)}; choose from {TRANSFORMS}.")
-    unknown_modes = set(modes) - {"fwd", "rev"}
-    if unknown_modes:
-        raise ValueError(f"unknown modes {sorted(unknown_modes)}; choose from ('fwd', 'rev').")
-    args = tuple(args)
+    if not callable(f):
+        raise TypeError(f"check_derivatives: f must be callable, got {f!r}.")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            "check_derivatives: args must be a tuple or list of f's arguments, got "
+            f"{type(args).__name__}; for one argument x write (x,)."
+        )
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"check_derivatives: order must be an int >= 1, got {order!r}.")
+    transforms = _names("transforms", transforms, TRANSFORMS)
+    modes = _names("modes", modes, ("fwd", "rev"))
+    for name, value in (("atol", atol), ("rtol", rtol), ("eps", eps)):
+        _check_tolerance("check_derivatives", name, value, positive=name == "eps")
+    args = jax.tree.map(jnp.asarray, tuple(args))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(args):
+        where = "args" + jax.tree_util.keystr(path)
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(
+                f"check_derivatives: {where} has dtype {leaf.dtype}; derivatives are checked "
+                "with respect to every argument, which must be floating (or complex)."
+            )
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(
+                f"check_derivatives: {where} is not finite; derivatives at NaN or inf cannot "
+                "be checked."
+            )
     for transform in transforms:
         g, g_args = _transformed(f, args, transform)
-        check_grads(g, g_args, order=order, modes=tuple(modes), atol=atol, rtol=rtol, eps=eps)
+        # Finite differences of a NaN value are NaN, and NaN compares equal to NaN.
+        for path, leaf in jax.tree_util.tree_leaves_with_path(g(*g_args)):
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                raise AssertionError(
+                    f"check_derivatives: f's output{jax.tree_util.keystr(path)} is not finite "
+                    f"(transform {transform!r}), so its derivatives cannot be checked."
+                )
+        check_grads(g, g_args, order=order, modes=modes, atol=atol, rtol=rtol, eps=eps)
+
+
+def _names(field: str, values: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise TypeError(
+            f"check_derivatives: {field} must be a sequence of names, got the string "
+            f"{values!r}; write ({values!r},)."
+        )
+    values = tuple(values)
+    unknown = set(values) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown {field} {sorted(unknown)}; choose from {allowed}.")
+    if not values:
+        raise ValueError(f"check_derivatives: {field} is empty, so nothing would be checked.")
+    return values
+
+
+def _check_tolerance(entry: str, name: str, value: Any, *, positive: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{entry}: {name} must be a finite float {bound}, got {value!r}.")
 
 
 def _transformed(f, args, transform):
@@ -85,8 +141,27 @@ def check_against_unrolled(
     (reverse and forward mode) match plain iteration x ← fn(x, params), `steps` times from x0,
     differentiated by ordinary backpropagation. Needs a contraction.
 
-    Raises AssertionError naming the first mismatching leaf.
+    Raises AssertionError naming the first mismatching leaf (NaN never matches), TypeError or
+    ValueError for invalid arguments (integer or non-finite params, non-finite x0, steps < 1).
     """
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"check_against_unrolled: steps must be an int >= 1, got {steps!r}.")
+    _check_tolerance("check_against_unrolled", "rtol", rtol)
+    _check_tolerance("check_against_unrolled", "atol", atol)
+    if "return_stats" in solve_kwargs:
+        raise TypeError("check_against_unrolled: return_stats is not supported.")
+    for name, tree in (("params", params), ("x0", x0)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            where = name + jax.tree_util.keystr(path)
+            dtype = jnp.result_type(leaf)
+            if name == "params" and not jnp.issubdtype(dtype, jnp.inexact):
+                raise TypeError(
+                    f"check_against_unrolled: {where} has dtype {dtype}; the Jacobian is taken "
+                    "with respect to every leaf of params, which must be floating."
+                )
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                raise ValueError(f"check_against_unrolled: {where} is not finite.")
 
     def implicit(p):
         return fixed_point_solve(fn, x0, p, **solve_kwargs)
@@ -108,5 +183,6 @@ def check_against_unrolled(
                 np.asarray(b, np.float64),
                 rtol=rtol,
                 atol=atol,
+                equal_nan=False,  # NaN in both must fail, not pass
                 err_msg=f"{name} differs from unrolled iteration at {jax.tree_util.keystr(path)}",
             )
