@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +29,12 @@ from flax import nnx
 from flax.errors import TraceContextError
 
 import implicax
+from implicax._config import FailurePolicy
 from implicax._misc import deq_initial_state
 
 __all__ = ["DEQ", "SolveStatsVariable"]
 
 PyTree = Any
-FailurePolicy = Literal["warn", "nan", "raise", "ignore"]  # as implicax.fixed_point_solve
 
 
 class SolveStatsVariable(nnx.Variable):

@@ -18,18 +18,18 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import haiku as hk
 import jax
 
 import implicax
+from implicax._config import FailurePolicy
 from implicax._misc import deq_initial_state
 
 __all__ = ["DEQ"]
 
 PyTree = Any
-FailurePolicy = Literal["warn", "nan", "raise", "ignore"]  # as implicax.fixed_point_solve
 
 
 class DEQ(hk.Module):
