@@ -73,7 +73,8 @@ class DEQ(nn.Module):
 
     Attributes:
         cell: the linen module defining the map z ↦ cell(z, x).
-        solver: forward solver; None for `implicax.fixed_point_solve`'s default (`FixedPointIteration`).
+        solver: forward solver; None for `implicax.fixed_point_solve`'s default
+            (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see

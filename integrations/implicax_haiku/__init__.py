@@ -67,7 +67,8 @@ class DEQ(hk.Module):
 
     Args:
         cell: callable ``cell(z, x)`` returning an array (or pytree) like z.
-        solver: forward solver; None for `implicax.fixed_point_solve`'s default (`FixedPointIteration`).
+        solver: forward solver; None for `implicax.fixed_point_solve`'s default
+            (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see
