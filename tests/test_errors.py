@@ -434,6 +434,10 @@ class TestDEQBadInput:
         with pytest.raises(TypeError, match="[xz]0 must hold floating-point arrays.*int32"):
             layer("ok")(jnp.zeros((2, 3), jnp.int32))
 
+    def test_nan_z0_is_a_reported_failure(self, layer):
+        with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+            jax.block_until_ready(layer("ok")(jnp.full((2, 3), jnp.nan)))
+
     def test_bad_solver(self, layer):
         with pytest.raises(TypeError, match="solver must be an implicax solver"):
             layer("ok", solver="anderson")()

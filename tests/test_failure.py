@@ -160,43 +160,53 @@ def test_ignore_is_silent():
     assert x.shape == (2,)
 
 
-def _ill_conditioned(n=40, condition=1e8):
-    """A = Q₁·diag(s)·Q₂ᵀ with singular values log-spaced from 1 to 1/condition (nonsymmetric)."""
+def _ill_conditioned(condition, n=40):
+    """A = Q·diag(s)·Qᵀ, symmetric positive definite, eigenvalues log-spaced from 1 to
+    1/condition."""
     rng = np.random.default_rng(0)
-    q1, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    a = q1 @ np.diag(np.logspace(0, -np.log10(condition), n)) @ q2.T
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = q @ np.diag(np.logspace(0, -np.log10(condition), n)) @ q.T
     return jnp.asarray(a), jnp.asarray(rng.standard_normal(n)), jnp.asarray(rng.standard_normal(n))
+
+
+def _solve_linear(a, p, linear_solver, on_failure):
+    return implicax.root_solve(
+        lambda x, p: a @ x - p,
+        jnp.zeros_like(p),
+        p,
+        solver=lambda fn, x0, p: jnp.linalg.solve(a, p),
+        linear_solver=linear_solver,
+        on_failure=on_failure,
+    )
+
+
+FEW = implicax.BiCGStab(max_steps=20)
+
+
+def test_well_conditioned_control_converges_in_few_steps():
+    # The control for the test below: with cond(A) = 2 the same 20 products suffice.
+    a, p, v = _ill_conditioned(2.0)
+    gradient = jax.grad(lambda p: v @ _solve_linear(a, p, FEW, "raise"))(p)
+    expected = np.linalg.solve(np.asarray(a), np.asarray(v))
+    np.testing.assert_allclose(gradient, expected, rtol=1e-8, atol=1e-8)
 
 
 def test_ill_conditioned_jacobian_in_backward_solve_is_reported():
     # F(x) = A·x − p with cond(A) = 1e8 (invertible, not singular): the forward solve is exact,
-    # but 20 BiCGStab products cannot resolve 40 singular values spread over 8 decades.
-    a, p, v = _ill_conditioned()
+    # but 20 BiCGStab products cannot resolve eigenvalues spread over 8 decades.
+    a, p, v = _ill_conditioned(1e8)
     assert 1e7 < np.linalg.cond(np.asarray(a)) < 1e9
-
-    def solve(p, linear_solver, on_failure):
-        return implicax.root_solve(
-            lambda x, p: a @ x - p,
-            jnp.zeros_like(p),
-            p,
-            solver=lambda fn, x0, p: jnp.linalg.solve(a, p),
-            linear_solver=linear_solver,
-            on_failure=on_failure,
-        )
-
-    few = implicax.BiCGStab(max_steps=20)
 
     @jax.jit
     def derivatives(p, v):
-        nan_gradient = jax.grad(lambda p: v @ solve(p, few, "nan"))(p)
-        gradient = jax.grad(lambda p: v @ solve(p, few, "warn"))(p)
-        tangent = jax.jvp(lambda p: solve(p, few, "warn"), (p,), (v,))[1]
-        exact = jax.jvp(lambda p: solve(p, implicax.Dense(), "raise"), (p,), (v,))[1]
+        nan_gradient = jax.grad(lambda p: v @ _solve_linear(a, p, FEW, "nan"))(p)
+        gradient = jax.grad(lambda p: v @ _solve_linear(a, p, FEW, "warn"))(p)
+        tangent = jax.jvp(lambda p: _solve_linear(a, p, FEW, "warn"), (p,), (v,))[1]
+        exact = jax.jvp(lambda p: _solve_linear(a, p, implicax.Dense(), "raise"), (p,), (v,))[1]
         return nan_gradient, gradient, tangent, exact
 
     with pytest.warns(RuntimeWarning) as caught:
-        nan_gradient, _, _, exact = jax.block_until_ready(derivatives(p, v))
+        nan_gradient, gradient, tangent, exact = jax.block_until_ready(derivatives(p, v))
     messages = sorted(str(warning.message).split(" (")[0] for warning in caught)
     assert messages == [
         "implicax: the adjoint linear solve did not converge",
@@ -204,6 +214,8 @@ def test_ill_conditioned_jacobian_in_backward_solve_is_reported():
     ]
     assert np.all(np.isnan(nan_gradient))
     # The system is well posed: a direct solve gives the derivative A⁻¹·v to about
-    # cond(A)·eps, and reports nothing.
+    # cond(A)·eps, and reports nothing; the 20-step answers returned under "warn" are far off.
     expected = np.linalg.solve(np.asarray(a), np.asarray(v))
     assert np.linalg.norm(exact - expected) <= 1e-6 * np.linalg.norm(expected)
+    for approximate in (gradient, tangent):
+        assert np.linalg.norm(approximate - expected) > 1e-3 * np.linalg.norm(expected)

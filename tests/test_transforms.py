@@ -120,8 +120,8 @@ import jax, jax.numpy as jnp, numpy as np
 import implicax
 
 key_w, key_x = jax.random.split(jax.random.key(0))
-w = 0.9 * jax.random.orthogonal(key_w, 64)
-x = jax.random.normal(key_x, (32, 64))
+w = 0.9 * jax.random.orthogonal(key_w, 512)
+x = jax.random.normal(key_x, (256, 512))
 fn = lambda z, p: jnp.tanh(z @ p[0] + p[1])
 for solver in (implicax.FixedPointIteration(), implicax.Anderson(), implicax.Broyden()):
     loss = lambda p: jnp.sum(implicax.fixed_point_solve(fn, jnp.zeros_like(x), p, solver=solver) ** 2)

@@ -28,7 +28,8 @@ class SolveStats(NamedTuple):
         residual_norm: for a forward solve, max_i |F(x)_i| at the last checked iterate, where F
             is the residual (``fn(x, params)`` for a root, ``x - fn(x, params)`` for a fixed
             point); for a linear solve, ‖b − A·x‖₂.
-        converged: whether the solve met its tolerance with a finite residual.
+        converged: whether the solve met its tolerance with a finite residual (and, for a
+            forward solve, a finite solution).
     """
 
     steps: jax.Array

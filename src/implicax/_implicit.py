@@ -22,7 +22,7 @@ from jax import lax
 
 from ._config import FailurePolicy, SolveStats, apply_failure_policy, check_policy
 from ._linear import BiCGStab, _LinearSolver, as_linear_solver
-from ._misc import PyTree, make_varying, max_abs, varying_axes
+from ._misc import PyTree, check_floating, make_varying, max_abs, varying_axes
 from ._solvers import FixedPointIteration, Newton, Problem, _ForwardSolver
 
 
@@ -52,8 +52,7 @@ class _Spec:
             )
         # A non-finite solution never counts as converged, even where the residual is finite
         # there (F(x) = tanh(x) at x = inf) and so meets a tolerance relative to |x|.
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]))
-        return x, stats._replace(converged=stats.converged & finite)
+        return x, stats._replace(converged=stats.converged & jnp.isfinite(max_abs(x)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -148,16 +147,9 @@ def _closure_convert(fn, x0, params):
 
 def _check_x0(x0: PyTree) -> PyTree:
     x0 = jax.tree.map(jnp.asarray, x0)
-    leaves = jax.tree_util.tree_leaves_with_path(x0)
-    if not leaves:
+    if not jax.tree.leaves(x0):
         raise ValueError("x0 must contain at least one array; got an empty pytree.")
-    for path, leaf in leaves:
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            where = jax.tree_util.keystr(path) or "(root)"
-            raise TypeError(
-                f"x0 must hold floating-point arrays (the solution keeps x0's dtype); at {where} "
-                f"got {leaf.dtype}. Cast it, e.g. x0.astype(jnp.float32)."
-            )
+    check_floating(x0, "x0")
     return x0
 
 

@@ -123,9 +123,22 @@ def while_loop(cond, body, init, axes: frozenset):
     return lax.while_loop(cond, body, init)
 
 
+def check_floating(tree: PyTree, name: str) -> None:
+    """Raise a TypeError naming the first leaf of `tree` that is not floating point."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} must hold floating-point arrays (the solution keeps its dtype); at "
+                f"{jax.tree_util.keystr(path) or '(root)'} got {dtype}. Cast it, e.g. "
+                ".astype(jnp.float32)."
+            )
+
+
 def deq_initial_state(x: PyTree, z0: PyTree | None) -> PyTree:
-    """The DEQ adapters' z0: checked to be floating (the adapters first call the cell on it, whose
-    own layers would fail on integers with an unrelated message), or zeros shaped like x."""
+    """The DEQ adapters' z0: zeros shaped like x, or the given z0. Checked to be floating here,
+    because the adapters call the cell on it before the solve, whose own layers would fail on
+    integers with an unrelated message."""
     if z0 is None:
         for leaf in jax.tree.leaves(x):
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
@@ -134,10 +147,5 @@ def deq_initial_state(x: PyTree, z0: PyTree | None) -> PyTree:
                     f"{jnp.result_type(leaf)}. Pass z0 explicitly."
                 )
         return jax.tree.map(jnp.zeros_like, x)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(z0):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(
-                "DEQ: z0 must hold floating-point arrays (the solution keeps z0's dtype); at "
-                f"{jax.tree_util.keystr(path) or '(root)'} got {jnp.result_type(leaf)}."
-            )
+    check_floating(z0, "DEQ: z0")
     return z0

@@ -101,19 +101,27 @@ def _names(field: str, values: Any, allowed: tuple[str, ...]) -> tuple[str, ...]
     values = tuple(values)
     unknown = set(values) - set(allowed)
     if unknown:
-        raise ValueError(f"unknown {field} {sorted(unknown)}; choose from {allowed}.")
+        raise ValueError(
+            f"check_derivatives: unknown {field} {sorted(unknown)}; choose from {allowed}."
+        )
     if not values:
         raise ValueError(f"check_derivatives: {field} is empty, so nothing would be checked.")
     return values
 
 
 def _check_tolerance(entry: str, name: str, value: Any, *, positive: bool = False) -> None:
+    """None, a finite float (> 0 if `positive`, else >= 0), or a dict of such per dtype (as
+    `check_grads` accepts)."""
     if value is None:
         return
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{entry}: {name} must be a finite float {bound}, got {value!r}.")
+    for tol in value.values() if isinstance(value, dict) else [value]:
+        ok = isinstance(tol, (int, float, np.floating)) and not isinstance(tol, bool)
+        if not ok or not np.isfinite(tol) or tol < 0 or (positive and tol == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(
+                f"{entry}: {name} must be a finite float {bound} (or a dict of them per dtype), "
+                f"got {value!r}."
+            )
 
 
 def _transformed(f, args, transform):
