@@ -128,7 +128,7 @@ def targets(results: list[Result], implicax_names: list[str], sweep: list[str]) 
                 dict(
                     row=name,
                     what=what,
-                    value=f"{ratio:.2f}x",
+                    value=_ratio(ratio, limit),
                     limit=f"≤ {limit}x",
                     holds=ok,
                     detail=detail,
@@ -206,9 +206,9 @@ def targets(results: list[Result], implicax_names: list[str], sweep: list[str]) 
             ratio = best.vg_ms / fastest.vg_ms
             checks.append(
                 dict(
-                    row=f"{best.name} (fastest of {len(sweep)} tolerances at the anchor's accuracy)",
+                    row=f"{best.name} (fastest of {len(sweep)} tolerances with error ≤ the anchor's)",
                     what="value_and_grad / fastest anchor's, at equal or better gradient error",
-                    value=f"{ratio:.2f}x",
+                    value=_ratio(ratio, 0.5),
                     limit="≤ 0.5x",
                     holds=ratio <= 0.5,
                     detail=f"{fastest.name}: {fastest.vg_ms:.2f} vs {best.vg_ms:.2f} ms (minima: "
@@ -217,6 +217,11 @@ def targets(results: list[Result], implicax_names: list[str], sweep: list[str]) 
                 )
             )
     return checks
+
+
+def _ratio(ratio: float, limit: float) -> str:
+    """Two decimals, or three where two would round onto the limit."""
+    return f"{ratio:.3f}x" if abs(ratio - limit) < 0.01 else f"{ratio:.2f}x"
 
 
 def targets_markdown(checks: list[dict]) -> str:
