@@ -14,32 +14,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from deq_helpers import (
+    F64,
+    FAST,
+    UNROLL,
+    assert_tree_allclose,
+    check_pmap_step,
+    check_shard_map_step,
+    check_sharded_jit_step,
+    random_data,
+    reference_training,
+)
 from implicax_flax import DEQ
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import implicax
 from implicax.testing import check_derivatives
-
-F64 = jnp.float64
-UNROLL = 80  # plain iterations for the reference; the test cells contract by about 0.5
-# The adapter does not depend on the solvers. These compile several times faster than the
-# defaults, which the statistics test and the examples exercise.
-FAST = {
-    "solver": implicax.FixedPointIteration(max_steps=300),
-    "linear_solver": implicax.Neumann(max_steps=300),
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
 
 
 def small(scale: float = 0.25):
@@ -89,10 +80,6 @@ class ConvNormCell(nn.Module):
         return 0.5 * nn.LayerNorm(param_dtype=F64)(h)
 
 
-def _data(shape, seed=1):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), F64)
-
-
 def _variables(cell: nn.Module, x, **rngs):
     """The DEQ's variables, from the cell's own (cheap, solve-free) init."""
     cell_variables = cell.init({"params": jax.random.key(0), **rngs}, np.zeros_like(x), x)
@@ -110,14 +97,6 @@ def _unrolled(cell: nn.Module, variables, x):
     )
 
 
-def _assert_tree_allclose(actual, expected, rtol=1e-7, atol=1e-9):
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol),
-        actual,
-        expected,
-    )
-
-
 CELLS = {
     "dense-nested": (DenseCell(), (2, 3)),
     "conv-groupnorm-layernorm": (ConvNormCell(), (2, 3, 3, 4)),
@@ -128,9 +107,9 @@ CELLS = {
 def test_matches_unrolled_iteration(name):
     """Value and gradient w.r.t. parameters and input (and, for one cell, the JVP)."""
     cell, shape = CELLS[name]
-    x, weights = _data(shape), _data(shape, seed=2)
+    x, weights = random_data(shape), random_data(shape, seed=2)
     variables = _variables(cell, x)
-    tangents = (jax.tree.map(np.ones_like, variables), _data(shape, seed=3))
+    tangents = (jax.tree.map(np.ones_like, variables), random_data(shape, seed=3))
 
     @jax.jit
     def both(variables, x):
@@ -144,7 +123,7 @@ def test_matches_unrolled_iteration(name):
         return derivatives(_deq(cell).apply), derivatives(functools.partial(_unrolled, cell))
 
     implicit, unrolled = both(variables, x)
-    _assert_tree_allclose(implicit, unrolled)
+    assert_tree_allclose(implicit, unrolled)
 
 
 class TinyCell(nn.Module):
@@ -154,7 +133,7 @@ class TinyCell(nn.Module):
 
 
 def test_derivatives_match_finite_differences_to_third_order():
-    x = _data((1, 2))
+    x = random_data((1, 2))
     model = DEQ(
         TinyCell(),
         solver=implicax.FixedPointIteration(max_steps=200),
@@ -167,7 +146,7 @@ def test_derivatives_match_finite_differences_to_third_order():
 class VariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
     def test_layer_call(self):
-        x = _data((2, 3))
+        x = random_data((2, 3))
         variables = _variables(DenseCell(), x)
         z = self.variant(_deq(DenseCell()).apply)(variables, x)
         fixed = DenseCell().apply({"params": variables["params"]["cell"]}, z, x)
@@ -175,7 +154,7 @@ class VariantsTest(chex.TestCase):
 
 
 def test_vmap_matches_batch():
-    x = _data((4, 3))
+    x = random_data((4, 3))
     variables = _variables(DenseCell(), x)
     apply = _deq(DenseCell()).apply
 
@@ -185,7 +164,7 @@ def test_vmap_matches_batch():
         return jax.vmap(value_and_grad)(x), value_and_grad(x)
 
     (values, grads), (value, grad) = both(x)
-    _assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
+    assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
 
 
 class Net(nn.Module):
@@ -198,71 +177,23 @@ class Net(nn.Module):
         return nn.Dense(2, kernel_init=small(1.0), param_dtype=F64)(z)
 
 
-OPTIMIZER = optax.adam(1e-2)
-
-
-def _step(apply, params, opt_state, x, y, axis_name=None):
-    value, grads = jax.value_and_grad(lambda p: jnp.mean((apply(p, x) - y) ** 2))(params)
-    if axis_name is not None:
-        grads = lax.pmean(grads, axis_name)
-    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
-
 @pytest.fixture(scope="module")
 def training():
     """Parameters, a batch, and one reference training step on one device."""
-    x, y = _data((8, 5)), _data((8, 2), seed=4)
-    params = jax.jit(Net().init)(jax.random.key(0), x)
-    new_params, _, value = jax.jit(functools.partial(_step, Net().apply))(
-        params, OPTIMIZER.init(params), x, y
-    )
-    return params, x, y, (new_params, value)
-
-
-def _mesh():
-    return jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, y = random_data((8, 5)), random_data((8, 2), seed=4)
+    return reference_training(Net().apply, jax.jit(Net().init)(jax.random.key(0), x), x, y)
 
 
 def test_sharded_jit_training_step(training):
-    params, x, y, expected = training
-    mesh = _mesh()
-    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    params = jax.device_put(params, replicated)
-    opt_state = jax.device_put(OPTIMIZER.init(params), replicated)
-    step = jax.jit(functools.partial(_step, Net().apply))
-    new_params, _, value = step(
-        params, opt_state, jax.device_put(x, sharded), jax.device_put(y, sharded)
-    )
-    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+    check_sharded_jit_step(Net().apply, training)
 
 
 def test_pmap_training_step(training):
-    params, x, y, expected = training
-    stacked = NamedSharding(_mesh(), P("data"))  # leading axis: one slice per device
-
-    def replicate(tree):
-        return jax.device_put(jax.tree.map(lambda a: np.stack([a] * 4), tree), stacked)
-
-    step = jax.pmap(functools.partial(_step, Net().apply, axis_name="data"), axis_name="data")
-    new_params, _, _ = step(
-        replicate(params),
-        replicate(OPTIMIZER.init(params)),
-        jax.device_put(np.reshape(x, (4, 2, -1)), stacked),
-        jax.device_put(np.reshape(y, (4, 2, -1)), stacked),
-    )
-    _assert_tree_allclose(
-        jax.tree.map(lambda a: np.asarray(a)[0], new_params), expected[0], rtol=1e-8
-    )
+    check_pmap_step(Net().apply, training)
 
 
 def test_shard_map_training_step(training):
-    params, x, y, expected = training
-    apply = jax.shard_map(Net().apply, mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P("data"))
-    new_params, _, value = jax.jit(functools.partial(_step, apply))(
-        params, OPTIMIZER.init(params), x, y
-    )
-    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+    check_shard_map_step(Net().apply, training)
 
 
 def test_parameters_follow_flax_ownership():
@@ -278,7 +209,7 @@ def test_parameters_follow_flax_ownership():
         def __call__(self, x):
             return DEQ(DenseCell())(x)  # cell constructed in compact: owned by this module
 
-    x = _data((2, 3))
+    x = random_data((2, 3))
     params = jax.eval_shape(WithSetup().init, jax.random.key(0), x)["params"]
     assert set(params) == {"deq"} and set(params["deq"]) == {"cell"}
     params = jax.eval_shape(WithCompact().init, jax.random.key(0), x)["params"]
@@ -286,7 +217,7 @@ def test_parameters_follow_flax_ownership():
 
 
 def test_stats_sown_and_returned():
-    x = _data((2, 3))
+    x = random_data((2, 3))
     variables = _variables(DenseCell(), x)
 
     @jax.jit
@@ -298,7 +229,7 @@ def test_stats_sown_and_returned():
     (stats,) = state["intermediates"]["solve_stats"]
     assert isinstance(stats, implicax.SolveStats)
     assert bool(stats.converged) and int(stats.steps) > 0 and float(stats.residual_norm) < 1e-9
-    _assert_tree_allclose(returned, (z, stats))
+    assert_tree_allclose(returned, (z, stats))
 
 
 class DropoutCell(nn.Module):
@@ -309,7 +240,7 @@ class DropoutCell(nn.Module):
 
 
 def test_dropout_mask_fixed_per_solve():
-    x = _data((4, 3))
+    x = random_data((4, 3))
     variables = _variables(DropoutCell(), x, dropout=jax.random.key(1))
     model = _deq(DropoutCell())
     run = jax.jit(lambda v, x, key: model.apply(v, x, rngs={"dropout": key}, return_stats=True))
@@ -335,7 +266,7 @@ class BatchNormCell(nn.Module):
 
 
 def test_batchnorm_statistics_updated_once_from_equilibrium():
-    x = _data((6, 3))
+    x = random_data((6, 3))
     train, evaluate = BatchNormCell(train=True), BatchNormCell(train=False)
     variables = _variables(train, x)
 
@@ -348,7 +279,7 @@ def test_batchnorm_statistics_updated_once_from_equilibrium():
 
     z, updates, (image, cell_updates), z_eval = run(variables, x)
     np.testing.assert_allclose(image, z, atol=1e-9)  # z* is a fixed point of the training map
-    _assert_tree_allclose(updates["batch_stats"]["cell"], cell_updates["batch_stats"])
+    assert_tree_allclose(updates["batch_stats"]["cell"], cell_updates["batch_stats"])
     assert not np.allclose(updates["batch_stats"]["cell"]["BatchNorm_0"]["mean"], 0)
     assert z_eval.shape == x.shape
     with pytest.raises(flax.errors.ModifyScopeVariableError):

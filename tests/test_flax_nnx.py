@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from deq_helpers import F64, FAST, UNROLL, assert_tree_allclose, data_mesh, random_data
 from flax import nnx
 from implicax_flax.nnx import DEQ, SolveStatsVariable
 from jax import lax
@@ -23,23 +24,6 @@ from jax.sharding import PartitionSpec as P
 
 import implicax
 from implicax.testing import check_derivatives
-
-F64 = jnp.float64
-UNROLL = 80  # plain iterations for the reference; the test cells contract by about 0.5
-# The adapter does not depend on the solvers. These compile several times faster than the
-# defaults, which the statistics test and the examples exercise.
-FAST = {
-    "solver": implicax.FixedPointIteration(max_steps=300),
-    "linear_solver": implicax.Neumann(max_steps=300),
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
 
 
 def small(scale: float = 0.25):
@@ -53,10 +37,6 @@ def small(scale: float = 0.25):
         return jnp.asarray(scale * values / np.sqrt(fan_in), dtype)
 
     return init
-
-
-def _data(shape, seed=1):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), F64)
 
 
 def _linear(n_in, n_out, scale=0.25):
@@ -113,14 +93,6 @@ def _unrolled(graphdef_and_rest, params, x):
     return lax.fori_loop(0, UNROLL, lambda _, z: cell(z, x), jnp.zeros_like(x))
 
 
-def _assert_tree_allclose(actual, expected, rtol=1e-7, atol=1e-9):
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol),
-        actual,
-        expected,
-    )
-
-
 CELLS = {
     "dense-nested": (DenseCell, (2, 3)),
     "conv-groupnorm-layernorm": (ConvNormCell, (2, 3, 3, 4)),
@@ -131,11 +103,11 @@ CELLS = {
 def test_matches_unrolled_iteration(name):
     """Value and gradient w.r.t. parameters and input (and, for one cell, the JVP)."""
     factory, shape = CELLS[name]
-    x, weights = _data(shape), _data(shape, seed=2)
+    x, weights = random_data(shape), random_data(shape, seed=2)
     model = DEQ(factory(), **FAST)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     assert set(params) == {"cell"}
-    tangents = (jax.tree.map(np.ones_like, params), _data(shape, seed=3))
+    tangents = (jax.tree.map(np.ones_like, params), random_data(shape, seed=3))
 
     def implicit(params, x):
         return nnx.merge(graphdef, params, rest)(x)
@@ -152,7 +124,7 @@ def test_matches_unrolled_iteration(name):
         return derivatives(implicit), derivatives(functools.partial(_unrolled, (graphdef, rest)))
 
     got, expected = both(params, x)
-    _assert_tree_allclose(got, expected)
+    assert_tree_allclose(got, expected)
 
 
 class TinyCell(nnx.Module):
@@ -169,14 +141,14 @@ def test_derivatives_match_finite_differences_to_third_order():
         "linear_solver": implicax.Dense(),
     }
     params, _, layer = _functional(TinyCell, **solvers)
-    x = _data((1, 2))
+    x = random_data((1, 2))
     check_derivatives(layer, (params, x), order=3, modes=("fwd", "rev"), transforms=("none",))
 
 
 class VariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
     def test_layer_call(self):
-        x = _data((2, 3))
+        x = random_data((2, 3))
         params, _, layer = _functional(DenseCell)
         z = self.variant(layer)(params, x)
         cell = DenseCell()
@@ -184,7 +156,7 @@ class VariantsTest(chex.TestCase):
 
 
 def test_vmap_matches_batch():
-    x = _data((4, 3))
+    x = random_data((4, 3))
     params, _, layer = _functional(DenseCell)
     unstored = DEQ(DenseCell(), store_stats=False, **FAST)
 
@@ -196,8 +168,8 @@ def test_vmap_matches_batch():
         return jax.vmap(value_and_grad)(x), value_and_grad(x), z, stats
 
     (values, grads), (value, grad), z, stats = both(unstored, x)
-    _assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
-    _assert_tree_allclose(z, layer(params, x), rtol=1e-8, atol=1e-10)
+    assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
+    assert_tree_allclose(z, layer(params, x), rtol=1e-8, atol=1e-10)
     assert stats.steps.shape == (4,) and bool(jnp.all(stats.converged))
 
 
@@ -238,7 +210,7 @@ def _functional_step(graphdef, params, rest, opt_state, x, y, axis_name=None, ap
 @pytest.fixture(scope="module")
 def training():
     """The split model, a batch, and one reference step with nnx.jit + nnx.Optimizer."""
-    x, y = _data((8, 5)), _data((8, 2), seed=4)
+    x, y = random_data((8, 5)), random_data((8, 2), seed=4)
     model = Net()
     graphdef, params, rest = nnx.split(nnx.clone(model), nnx.Param, ...)  # before the update
     optimizer = nnx.Optimizer(model, TX, wrt=nnx.Param)
@@ -255,14 +227,10 @@ def training():
     return graphdef, params, rest, x, y, (nnx.state(model, nnx.Param), value)
 
 
-def _mesh():
-    return jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def test_sharded_jit_training_step(training):
     """nnx.jit + nnx.Optimizer on a batch sharded over 4 devices, parameters replicated."""
     graphdef, params, rest, x, y, expected = training
-    mesh = _mesh()
+    mesh = data_mesh()
     sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     model = nnx.merge(
         graphdef, jax.device_put(params, replicated), jax.device_put(rest, replicated)
@@ -276,12 +244,12 @@ def test_sharded_jit_training_step(training):
         return value
 
     value = step(model, optimizer, jax.device_put(x, sharded), jax.device_put(y, sharded))
-    _assert_tree_allclose((nnx.state(model, nnx.Param), value), expected, rtol=1e-8)
+    assert_tree_allclose((nnx.state(model, nnx.Param), value), expected, rtol=1e-8)
 
 
 def test_pmap_training_step(training):
     graphdef, params, rest, x, y, expected = training
-    stacked = NamedSharding(_mesh(), P("data"))  # leading axis: one slice per device
+    stacked = NamedSharding(data_mesh(), P("data"))  # leading axis: one slice per device
 
     def replicate(tree):
         return jax.device_put(jax.tree.map(lambda a: np.stack([a] * 4), tree), stacked)
@@ -298,7 +266,7 @@ def test_pmap_training_step(training):
         jax.device_put(np.reshape(y, (4, 2, -1)), stacked),
     )
     new_params = jax.tree.map(lambda a: np.asarray(a)[0], new_params)
-    _assert_tree_allclose(new_params, expected[0], rtol=1e-8)
+    assert_tree_allclose(new_params, expected[0], rtol=1e-8)
 
 
 def test_shard_map_training_step(training):
@@ -307,14 +275,14 @@ def test_shard_map_training_step(training):
     def apply(params, x):
         return nnx.merge(graphdef, params, rest)(x)
 
-    sharded = jax.shard_map(apply, mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P("data"))
+    sharded = jax.shard_map(apply, mesh=data_mesh(), in_specs=(P(), P("data")), out_specs=P("data"))
     step = jax.jit(lambda p, o, x, y: _functional_step(graphdef, p, rest, o, x, y, apply=sharded))
     new_params, _, value = step(params, TX.init(params), x, y)
-    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+    assert_tree_allclose((new_params, value), expected, rtol=1e-8)
 
 
 def test_stats_attribute_and_return_stats():
-    x = _data((2, 3))
+    x = random_data((2, 3))
     layer = DEQ(DenseCell())  # default solvers
     assert isinstance(layer.stats, SolveStatsVariable)
 
@@ -324,7 +292,7 @@ def test_stats_attribute_and_return_stats():
 
     z, stats = run(layer, x)
     assert bool(stats.converged) and int(stats.steps) > 0 and float(stats.residual_norm) < 1e-9
-    _assert_tree_allclose(layer.stats.get_value(), stats)
+    assert_tree_allclose(layer.stats.get_value(), stats)
 
 
 class DropoutCell(nnx.Module):
@@ -337,7 +305,7 @@ class DropoutCell(nnx.Module):
 
 
 def test_dropout_mask_fixed_per_solve():
-    x = _data((4, 3))
+    x = random_data((4, 3))
     layer = DEQ(DropoutCell(), **FAST)
     graphdef, params, rest = nnx.split(nnx.clone(layer), nnx.Param, ...)  # before any call
     run = nnx.jit(lambda layer, x: layer(x, return_stats=True))
@@ -369,7 +337,7 @@ class BatchNormCell(nnx.Module):
 
 
 def test_batchnorm_statistics_updated_once_from_equilibrium():
-    x = _data((6, 3))
+    x = random_data((6, 3))
     layer = DEQ(BatchNormCell(), **FAST)
     reference = nnx.clone(layer.cell)
 
@@ -380,7 +348,7 @@ def test_batchnorm_statistics_updated_once_from_equilibrium():
 
     z, image = run(layer, reference, x)
     np.testing.assert_allclose(image, z, atol=1e-9)  # z* is a fixed point of the training map
-    _assert_tree_allclose(layer.cell.norm.mean[...], reference.norm.mean[...])
+    assert_tree_allclose(layer.cell.norm.mean[...], reference.norm.mean[...])
     assert not np.allclose(layer.cell.norm.mean[...], 0)
     before = np.asarray(layer.cell.norm.mean[...])
     layer.eval()  # running averages, no update

@@ -14,32 +14,22 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from deq_helpers import (
+    FAST,
+    UNROLL,
+    assert_tree_allclose,
+    check_pmap_step,
+    check_shard_map_step,
+    check_sharded_jit_step,
+    random_data,
+    reference_training,
+)
 from implicax_haiku import DEQ
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import implicax
 from implicax.testing import check_derivatives
-
-F64 = jnp.float64
-UNROLL = 80  # plain iterations for the reference; the test cells contract by about 0.5
-# The adapter does not depend on the solvers. These compile several times faster than the
-# defaults, which the statistics test and the examples exercise.
-FAST = {
-    "solver": implicax.FixedPointIteration(max_steps=300),
-    "linear_solver": implicax.Neumann(max_steps=300),
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
 
 
 def small(scale: float = 0.25):
@@ -52,10 +42,6 @@ def small(scale: float = 0.25):
         return jnp.asarray(scale * values / np.sqrt(fan_in), dtype)
 
     return init
-
-
-def _data(shape, seed=1):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), F64)
 
 
 class Inner(hk.Module):
@@ -89,14 +75,6 @@ def _unrolled(make_cell, params, x):
     return lax.fori_loop(0, UNROLL, step, jnp.zeros_like(x))
 
 
-def _assert_tree_allclose(actual, expected, rtol=1e-7, atol=1e-9):
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol),
-        actual,
-        expected,
-    )
-
-
 CELLS = {
     "dense-nested": (lambda: dense_cell, (2, 3)),
     "conv-groupnorm-layernorm": (ConvNormCell, (2, 3, 3, 4)),
@@ -107,11 +85,11 @@ CELLS = {
 def test_matches_unrolled_iteration(name):
     """Value and gradient w.r.t. parameters and input (and, for one cell, the JVP)."""
     make_cell, shape = CELLS[name]
-    x, weights = _data(shape), _data(shape, seed=2)
+    x, weights = random_data(shape), random_data(shape, seed=2)
     model = _transformed(make_cell)
     params = model.init(None, x)  # deterministic initializers: no key needed
     assert all(name.startswith("deq/cell/") for name in params)
-    tangents = (jax.tree.map(np.ones_like, params), _data(shape, seed=3))
+    tangents = (jax.tree.map(np.ones_like, params), random_data(shape, seed=3))
 
     @jax.jit
     def both(params, x):
@@ -126,7 +104,7 @@ def test_matches_unrolled_iteration(name):
         return derivatives(implicit), derivatives(functools.partial(_unrolled, make_cell))
 
     got, expected = both(params, x)
-    _assert_tree_allclose(got, expected)
+    assert_tree_allclose(got, expected)
 
 
 def tiny_cell(z, x):
@@ -139,7 +117,7 @@ def test_derivatives_match_finite_differences_to_third_order():
         "linear_solver": implicax.Dense(),
     }
     model = _transformed(lambda: tiny_cell, **solvers)
-    x = _data((1, 2))
+    x = random_data((1, 2))
     layer = lambda p, x: model.apply(p, None, x)
     args = (model.init(None, x), x)
     check_derivatives(layer, args, order=3, modes=("fwd", "rev"), transforms=("none",))
@@ -148,7 +126,7 @@ def test_derivatives_match_finite_differences_to_third_order():
 class VariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
     def test_layer_call(self):
-        x = _data((2, 3))
+        x = random_data((2, 3))
         model = _transformed(lambda: dense_cell)
         params = model.init(None, x)
         z = self.variant(lambda p, x: model.apply(p, None, x))(params, x)
@@ -158,7 +136,7 @@ class VariantsTest(chex.TestCase):
 
 
 def test_vmap_matches_batch():
-    x = _data((4, 3))
+    x = random_data((4, 3))
     model = _transformed(lambda: dense_cell)
     params = model.init(None, x)
 
@@ -168,7 +146,7 @@ def test_vmap_matches_batch():
         return jax.vmap(value_and_grad)(x), value_and_grad(x)
 
     (values, grads), (value, grad) = both(x)
-    _assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
+    assert_tree_allclose((jnp.sum(values), grads), (value, grad), rtol=1e-8, atol=1e-10)
 
 
 def net(x):
@@ -178,15 +156,6 @@ def net(x):
 
 
 NET = hk.transform(net)
-OPTIMIZER = optax.adam(1e-2)
-
-
-def _step(apply, params, opt_state, x, y, axis_name=None):
-    value, grads = jax.value_and_grad(lambda p: jnp.mean((apply(p, x) - y) ** 2))(params)
-    if axis_name is not None:
-        grads = lax.pmean(grads, axis_name)
-    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
 
 
 def _net_apply(params, x):
@@ -196,56 +165,20 @@ def _net_apply(params, x):
 @pytest.fixture(scope="module")
 def training():
     """Parameters, a batch, and one reference training step on one device."""
-    x, y = _data((8, 5)), _data((8, 2), seed=4)
-    params = NET.init(None, x)
-    new_params, _, value = jax.jit(functools.partial(_step, _net_apply))(
-        params, OPTIMIZER.init(params), x, y
-    )
-    return params, x, y, (new_params, value)
-
-
-def _mesh():
-    return jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, y = random_data((8, 5)), random_data((8, 2), seed=4)
+    return reference_training(_net_apply, NET.init(None, x), x, y)
 
 
 def test_sharded_jit_training_step(training):
-    params, x, y, expected = training
-    mesh = _mesh()
-    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    params = jax.device_put(params, replicated)
-    opt_state = jax.device_put(OPTIMIZER.init(params), replicated)
-    step = jax.jit(functools.partial(_step, _net_apply))
-    new_params, _, value = step(
-        params, opt_state, jax.device_put(x, sharded), jax.device_put(y, sharded)
-    )
-    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+    check_sharded_jit_step(_net_apply, training)
 
 
 def test_pmap_training_step(training):
-    params, x, y, expected = training
-    stacked = NamedSharding(_mesh(), P("data"))  # leading axis: one slice per device
-
-    def replicate(tree):
-        return jax.device_put(jax.tree.map(lambda a: np.stack([a] * 4), tree), stacked)
-
-    step = jax.pmap(functools.partial(_step, _net_apply, axis_name="data"), axis_name="data")
-    new_params, _, _ = step(
-        replicate(params),
-        replicate(OPTIMIZER.init(params)),
-        jax.device_put(np.reshape(x, (4, 2, -1)), stacked),
-        jax.device_put(np.reshape(y, (4, 2, -1)), stacked),
-    )
-    new_params = jax.tree.map(lambda a: np.asarray(a)[0], new_params)
-    _assert_tree_allclose(new_params, expected[0], rtol=1e-8)
+    check_pmap_step(_net_apply, training)
 
 
 def test_shard_map_training_step(training):
-    params, x, y, expected = training
-    apply = jax.shard_map(_net_apply, mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P("data"))
-    new_params, _, value = jax.jit(functools.partial(_step, apply))(
-        params, OPTIMIZER.init(params), x, y
-    )
-    _assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+    check_shard_map_step(_net_apply, training)
 
 
 def test_parameter_placement_and_reuse():
@@ -259,12 +192,12 @@ def test_parameter_placement_and_reuse():
 
         return DEQ(instance_cell, **FAST)(z)
 
-    params = jax.eval_shape(hk.transform(forward).init, None, _data((2, 3)))
+    params = jax.eval_shape(hk.transform(forward).init, None, random_data((2, 3)))
     assert set(params) == {"deq/cell/inner/mix", "deq/cell/linear", "deq_1/cell/inner/mix"}
 
 
 def test_stats_returned():
-    x = _data((2, 3))
+    x = random_data((2, 3))
     model = hk.transform(lambda x: DEQ(dense_cell)(x, return_stats=True))  # default solvers
     params = model.init(None, x)
     z, stats = jax.jit(lambda p, x: model.apply(p, None, x))(params, x)
@@ -283,7 +216,7 @@ def test_rng_drawn_only_when_the_cell_needs_it():
         return hk.maybe_next_rng_key()  # the key after the DEQ: did the DEQ draw one?
 
     model = hk.transform(forward)
-    x = _data((2, 3))
+    x = random_data((2, 3))
     params = model.init(None, x, False)
     key = jax.random.key(3)
     first_key = hk.transform(lambda: hk.next_rng_key()).apply({}, key)
@@ -302,7 +235,7 @@ def dropout_cell(z, x):
 
 
 def test_dropout_mask_fixed_per_solve():
-    x = _data((4, 3))
+    x = random_data((4, 3))
     model = hk.transform(lambda x: DEQ(dropout_cell, **FAST)(x, return_stats=True))
     params = model.init(jax.random.key(0), x)
     run = jax.jit(model.apply)
@@ -324,7 +257,7 @@ def batchnorm_cell(z, x):
 
 
 def test_batchnorm_state_updated_once_from_equilibrium():
-    x = _data((6, 3))
+    x = random_data((6, 3))
     model = hk.transform_with_state(lambda x: DEQ(batchnorm_cell, **FAST)(x))
     cell = hk.transform_with_state(batchnorm_cell)
     params, state = model.init(None, x)
@@ -339,7 +272,7 @@ def test_batchnorm_state_updated_once_from_equilibrium():
 
     z, new_state, image, cell_state = run(params, state, x)
     np.testing.assert_allclose(image, z, atol=1e-9)  # z* is a fixed point of the training map
-    _assert_tree_allclose({f"deq/cell/{k}": v for k, v in cell_state.items()}, new_state)
+    assert_tree_allclose({f"deq/cell/{k}": v for k, v in cell_state.items()}, new_state)
     with pytest.raises(ValueError, match="transform_with_state"):
         hk.transform(lambda x: DEQ(batchnorm_cell, **FAST)(x)).init(None, x)
 
