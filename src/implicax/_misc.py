@@ -123,15 +123,16 @@ def while_loop(cond, body, init, axes: frozenset):
     return lax.while_loop(cond, body, init)
 
 
-def check_floating(tree: PyTree, name: str) -> None:
+def check_floating(
+    tree: PyTree, name: str, hint: str = "Cast it, e.g. .astype(jnp.float32)."
+) -> None:
     """Raise a TypeError naming the first leaf of `tree` that is not floating point."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
                 f"{name} must hold floating-point arrays (the solution keeps its dtype); at "
-                f"{jax.tree_util.keystr(path) or '(root)'} got {dtype}. Cast it, e.g. "
-                ".astype(jnp.float32)."
+                f"{jax.tree_util.keystr(path) or '(root)'} got {dtype}. {hint}"
             )
 
 
@@ -140,12 +141,7 @@ def deq_initial_state(x: PyTree, z0: PyTree | None) -> PyTree:
     because the adapters call the cell on it before the solve, whose own layers would fail on
     integers with an unrelated message."""
     if z0 is None:
-        for leaf in jax.tree.leaves(x):
-            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-                raise TypeError(
-                    "DEQ: z0 defaults to zeros like x, which needs floating x; got "
-                    f"{jnp.result_type(leaf)}. Pass z0 explicitly."
-                )
+        check_floating(x, "DEQ: x", hint="z0 defaults to zeros like x: pass z0 explicitly.")
         return jax.tree.map(jnp.zeros_like, x)
     check_floating(z0, "DEQ: z0")
     return z0
