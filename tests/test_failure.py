@@ -219,3 +219,47 @@ def test_ill_conditioned_jacobian_in_backward_solve_is_reported():
     assert np.linalg.norm(exact - expected) <= 1e-6 * np.linalg.norm(expected)
     for approximate in (gradient, tangent):
         assert np.linalg.norm(approximate - expected) > 1e-3 * np.linalg.norm(expected)
+
+
+ROOT_SOLVERS = [
+    implicax.FixedPointIteration(),
+    implicax.Anderson(),
+    implicax.Broyden(),
+    implicax.Newton(),
+]
+
+
+@pytest.mark.parametrize("solver", ROOT_SOLVERS, ids=lambda s: type(s).__name__)
+def test_root_problem_without_a_root_is_not_converged(solver):
+    # tanh(x) = 1.5 has no solution; iterates run away while the residual stays near 0.5.
+    # A test relative to |x| would pass once |x| ≈ 0.5 / rtol; the root test must not.
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+        _, stats = implicax.root_solve(
+            lambda x, p: jnp.tanh(x) - p, jnp.zeros(1), 1.5, solver=solver, return_stats=True
+        )
+    assert not bool(stats.converged)
+    assert float(stats.residual_norm) > 0.49 or not np.isfinite(float(stats.residual_norm))
+
+
+def test_root_test_is_relative_to_the_initial_residual():
+    # Newton is invariant to the scale of F, and with atol=0 so is the stopping test: the same
+    # step count at every scale, in float32, where a test against atol + rtol·|x| could not
+    # be met at scale 1e6 (|F| ≤ 1e-4 would need |x − 3| ≤ 1e-10).
+    def residual(x, p):
+        scale, target = p
+        return scale * (x**3 + x - target)
+
+    steps = []
+    for scale in (1e-3, 1.0, 1e6):
+        x, stats = implicax.root_solve(
+            residual,
+            jnp.zeros(2, jnp.float32),
+            (jnp.float32(scale), jnp.float32(30.0)),
+            solver=implicax.Newton(atol=0.0, linear_solver=implicax.Dense()),
+            return_stats=True,
+        )
+        assert bool(stats.converged)
+        np.testing.assert_allclose(np.asarray(x), 3.0, rtol=1e-5)
+        assert float(stats.residual_norm) <= 2.4e-5 * 30.0 * scale
+        steps.append(int(stats.steps))
+    assert len(set(steps)) == 1, steps

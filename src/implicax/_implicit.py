@@ -50,8 +50,8 @@ class _Spec:
             stats = SolveStats(
                 jnp.asarray(-1, jnp.int32), residual_norm, jnp.isfinite(residual_norm)
             )
-        # A non-finite solution never counts as converged, even where the residual is finite
-        # there (F(x) = tanh(x) at x = inf) and so meets a tolerance relative to |x|.
+        # A non-finite solution never counts as converged: a finite residual at x = inf
+        # (x − tanh(x) as a fixed-point map) meets any tolerance relative to |x|.
         return x, stats._replace(converged=stats.converged & jnp.isfinite(max_abs(x)))
 
 

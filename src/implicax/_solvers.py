@@ -2,7 +2,8 @@
 
 A `Problem` gives both views of one equation, so each method uses the form it needs without
 rounding the other: for `fixed_point_solve`, g is the user's map and F(x) = x − g(x); for
-`root_solve`, F is the user's residual and g(x) = x − F(x).
+`root_solve`, F is the user's residual and g(x) = x − F(x). It also owns the stopping test,
+which depends on the view (see `Problem.scaled_error`), not on the method.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ class Problem:
         out = self.function(x)
         return tree_sub(x, out) if self.fixed_point else out
 
+    def scaled_error(
+        self, f: PyTree, x: PyTree, size: jax.Array, initial_size: jax.Array, rtol, atol
+    ) -> jax.Array:
+        """The stopping test: converged when this is ≤ 1 (never for NaN).
+
+        ``f`` is ±F at the iterate ``x``, ``size`` = max|f| and ``initial_size`` = max|F(x0)|.
+        For a fixed point, F(x) = x − g(x) is a step in the units of x, so each component is
+        compared with x: |F_i| ≤ atol + rtol·|x_i|. A root problem's residual has units of its
+        own (a gradient, a force), so it is compared with where it started instead:
+        max|F| ≤ atol + rtol·max|F(x0)|. Compared with |x|, a residual that stays at 0.5
+        would pass once a run-away iterate reached |x| ≈ 0.5/rtol.
+        """
+        if self.fixed_point:
+            return scaled_error(f, x, rtol, atol)
+        return size / (atol + rtol * initial_size)
+
 
 class _ForwardSolver(Tolerances):
     def solve(self, problem: Problem, x0: PyTree) -> tuple[PyTree, SolveStats]:
@@ -74,8 +91,9 @@ class FixedPointIteration(_ForwardSolver):
     """Picard iteration x ← x + damping·(g(x) − x).
 
     Converges linearly at the rate of the map's contraction. Stops when
-    |g(x)_i − x_i| ≤ atol + rtol·|g(x)_i| for every i, and returns the next iterate
-    (g(x) itself when damping is 1).
+    |g(x)_i − x_i| ≤ atol + rtol·|g(x)_i| for every i (for `root_solve`: when
+    max|F(x)| ≤ atol + rtol·max|F(x0)|), and returns the next iterate (g(x) itself when
+    damping is 1).
 
     Attributes:
         rtol, atol, max_steps: tolerances (None: ``eps**(2/3)`` of the dtype) and the most
@@ -93,19 +111,21 @@ class FixedPointIteration(_ForwardSolver):
         rtol, atol = self.resolve(x0)
 
         def body(carry):
-            x, _, _, steps = carry
+            x, _, _, initial, steps = carry
             gx = problem.map(x)
             difference = tree_sub(gx, x)
-            error = scaled_error(difference, gx, rtol, atol)
+            size = max_abs(difference)
+            initial = jnp.where(steps == 0, size, initial)
+            error = problem.scaled_error(difference, gx, size, initial, rtol, atol)
             x = gx if self.damping == 1 else tree_axpy(self.damping, difference, x)
-            return x, error, max_abs(difference), steps + 1
+            return x, error, size, initial, steps + 1
 
         def cond(carry):
-            return _keep_going(carry[1], carry[3], self.max_steps)
+            return _keep_going(carry[1], carry[4], self.max_steps)
 
         not_yet = jnp.full((), _NOT_YET, max_abs(x0).dtype)
-        init = (x0, not_yet, not_yet, jnp.zeros((), jnp.int32))
-        x, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
+        init = (x0, not_yet, not_yet, not_yet, jnp.zeros((), jnp.int32))
+        x, error, residual, _, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return x, SolveStats(steps, residual, error <= 1)
 
 
@@ -146,10 +166,12 @@ class Anderson(_ForwardSolver):
             return ravel_pytree(problem.map(unravel(flat.astype(flat0.dtype))))[0].astype(dtype)
 
         def body(carry):
-            x, _, xs, fs, gram, _, _, steps = carry
+            x, _, xs, fs, gram, _, _, initial, steps = carry
             gx = g(x)
             f = gx - x
-            error = scaled_error(f, gx, rtol, atol)
+            size = max_abs(f)
+            initial = jnp.where(steps == 0, size, initial)
+            error = problem.scaled_error(f, gx, size, initial, rtol, atol)
             slot = steps % m
             xs = xs.at[slot].set(x)
             fs = fs.at[slot].set(f)
@@ -158,10 +180,10 @@ class Anderson(_ForwardSolver):
             active = jnp.arange(m) < jnp.minimum(steps + 1, m)
             alpha = _anderson_weights(gram, active, self.regularization)
             x_next = alpha @ xs + self.damping * (alpha @ fs)
-            return x_next, gx, xs, fs, gram, error, max_abs(f), steps + 1
+            return x_next, gx, xs, fs, gram, error, size, initial, steps + 1
 
         def cond(carry):
-            return _keep_going(carry[5], carry[7], self.max_steps)
+            return _keep_going(carry[5], carry[8], self.max_steps)
 
         x = flat0.astype(dtype)
         not_yet = jnp.full((), _NOT_YET, dtype)
@@ -173,9 +195,10 @@ class Anderson(_ForwardSolver):
             jnp.zeros((m, m), dtype),
             not_yet,
             not_yet,
+            not_yet,
             jnp.zeros((), jnp.int32),
         )
-        _, gx, *_, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
+        _, gx, *_, error, residual, _, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return unravel(gx.astype(flat0.dtype)), SolveStats(steps, residual, error <= 1)
 
 
@@ -208,7 +231,8 @@ class Broyden(_ForwardSolver):
     Keeps an approximate inverse Jacobian H = I + Σ u_i v_iᵀ (starting from the identity, so the
     first step is a fixed-point step), steps x ← x − damping·H·F(x), and updates H by the
     Sherman–Morrison form of Broyden's rank-one update. After `history` updates it restarts from
-    the identity. Runs in at least float32. Stops when |F(x)_i| ≤ atol + rtol·|x_i|.
+    the identity. Runs in at least float32. Stops when |F(x)_i| ≤ atol + rtol·|x_i| for
+    `fixed_point_solve`, and when max|F(x)| ≤ atol + rtol·max|F(x0)| for `root_solve`.
 
     Attributes:
         rtol, atol, max_steps: tolerances and the most evaluations of F.
@@ -257,22 +281,24 @@ class Broyden(_ForwardSolver):
             v = apply_transpose(us, vs, step)
             us = jnp.where(usable, us.at[count].set(u), us)
             vs = jnp.where(usable, vs.at[count].set(v), vs)
-            error = scaled_error(f_new, x_new, rtol, atol)
-            return x_new, f_new, us, vs, count + usable, error, max_abs(f_new), steps + 1
+            size = max_abs(f_new)
+            error = problem.scaled_error(f_new, x_new, size, initial, rtol, atol)
+            return x_new, f_new, us, vs, count + usable, error, size, steps + 1
 
         def cond(carry):
             return _keep_going(carry[5], carry[7], self.max_steps)
 
         x = flat0.astype(dtype)
         fx = residual(x)
+        initial = max_abs(fx)
         init = (
             x,
             fx,
             jnp.zeros((m, n), dtype),
             jnp.zeros((m, n), dtype),
             jnp.zeros((), jnp.int32),
-            scaled_error(fx, x, rtol, atol),
-            max_abs(fx),
+            problem.scaled_error(fx, x, initial, initial, rtol, atol),
+            initial,
             jnp.ones((), jnp.int32),
         )
         x, *_, error, residual_norm, steps = while_loop(cond, body, init, tree_varying_axes(x0))
@@ -284,7 +310,7 @@ class Newton(_ForwardSolver):
     """Newton's method, matrix-free: x ← x − damping·J⁻¹F(x), with J·v by forward-mode autodiff
     and the Newton system solved by `linear_solver` (BiCGStab by default). Quadratic convergence
     near the solution; each step costs one linearisation plus the linear solve.
-    Stops when |F(x)_i| ≤ atol + rtol·|x_i|.
+    Stops as `Broyden` does.
 
     Attributes:
         rtol, atol, max_steps: tolerances and the most Newton steps.
@@ -312,12 +338,16 @@ class Newton(_ForwardSolver):
             delta, _ = linear_solver.solve(jvp, jax.tree.map(jnp.negative, fx))
             x = tree_axpy(self.damping, delta, x)
             fx = problem.residual(x)
-            return x, fx, scaled_error(fx, x, rtol, atol), max_abs(fx), steps + 1
+            size = max_abs(fx)
+            error = problem.scaled_error(fx, x, size, initial, rtol, atol)
+            return x, fx, error, size, steps + 1
 
         def cond(carry):
             return _keep_going(carry[2], carry[4], self.max_steps)
 
         fx = problem.residual(x0)
-        init = (x0, fx, scaled_error(fx, x0, rtol, atol), max_abs(fx), jnp.zeros((), jnp.int32))
+        initial = max_abs(fx)
+        error = problem.scaled_error(fx, x0, initial, initial, rtol, atol)
+        init = (x0, fx, error, initial, jnp.zeros((), jnp.int32))
         x, _, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return x, SolveStats(steps, residual, error <= 1)
