@@ -72,6 +72,19 @@ def test_raise_policy_raises_from_inside_jit():
         jax.block_until_ready(solve(1.0))
 
 
+@pytest.mark.parametrize("on_failure", ["warn", "raise"])
+def test_failure_report_adds_no_jax_effect(on_failure):
+    # A jitted function with a JAX effect (such as jax.debug.callback) is dispatched on JAX's
+    # slower Python path on every call; the report must not add one, nor be compiled away.
+    def loss(p):
+        x = implicax.fixed_point_solve(diverging, jnp.zeros(2), p, on_failure=on_failure)
+        return jnp.sum(x)
+
+    for fn in (loss, jax.value_and_grad(loss)):
+        assert not jax.make_jaxpr(fn)(1.0).effects
+        assert "callback" in jax.jit(fn).lower(1.0).compile().as_text()
+
+
 def test_nan_produced_mid_solve_is_not_convergence():
     def poisoned(x, p):
         return jnp.where(x > 0.5, jnp.nan, x + p)
