@@ -3,9 +3,11 @@
 Every candidate is a pair of pure functions of the same inputs: ``forward(*args)`` (the solve,
 returning ``(solution, forward_steps)``) and ``value_and_grad(*args)`` (loss and gradients, or a
 whole training step). Each is compiled once with ``jax.jit(...).lower(*args).compile()`` (timed:
-that is the compile time, tracing and lowering included), and the compiled executables are then
-timed warm, round-robin over all candidates (so that drifts in machine load hit them alike),
-each call ended by ``jax.block_until_ready``.
+that is the compile time, tracing and lowering included), and the same ``jax.jit`` functions are
+then called warm, as a user calls them, round-robin over all candidates (so that drifts in
+machine load hit them alike), each call ended by ``jax.block_until_ready``. Not the compiled
+executables themselves: JAX dispatches those on a slower Python path when they contain a host
+callback, which a user's jitted call does not take.
 """
 
 from __future__ import annotations
@@ -76,25 +78,22 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def compile_fn(fn: Callable, args: tuple, repeats: int = 1) -> tuple[Any, float]:
-    """Compile ``fn`` for ``args``; return (executable, seconds of the fastest of `repeats`).
+def compile_fn(fn: Callable, args: tuple, repeats: int = 1) -> tuple[Callable, float]:
+    """Compile ``fn`` for ``args``; return (jitted fn, seconds of the fastest of `repeats`).
 
     Each repeat starts from cleared JAX caches with a fresh jit wrapper, so nothing traced or
-    compiled before is reused.
+    compiled before is reused (`repeats=0`, quick mode: one compile, caches kept). The jitted
+    function returned reuses the last compilation: its first call only retraces.
     """
-    if repeats == 0:  # quick: one compile, JAX's caches kept (faster, less comparable)
-        start = time.perf_counter()
-        compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
-        return compiled, time.perf_counter() - start
     best = float("inf")
-    compiled = None
-    for _ in range(repeats):
-        jax.clear_caches()
+    for _ in range(max(repeats, 1)):
+        if repeats:
+            jax.clear_caches()
         wrapper = jax.jit(lambda *a: fn(*a))
         start = time.perf_counter()
-        compiled = wrapper.lower(*args).compile()
+        wrapper.lower(*args).compile()
         best = min(best, time.perf_counter() - start)
-    return compiled, best
+    return wrapper, best
 
 
 def temp_bytes(fn: Callable, args: tuple) -> int:

@@ -354,8 +354,8 @@ def markdown(env, sections, checks, ablations, elapsed) -> str:
         "",
         "How it is measured: each candidate is `jax.jit`-compiled once per function "
         "(`compile` = tracing + lowering + XLA compilation of the value_and_grad function, the "
-        "fastest of the repeats, each from cleared caches); the executables are then called "
-        "warm, round-robin over all candidates, each call ended by `block_until_ready`; times "
+        "fastest of the repeats, each from cleared caches); the jitted functions are then called "
+        "warm (JAX's usual dispatch path, as in a user's code), round-robin over all candidates, each call ended by `block_until_ready`; times "
         "are medians (minimum in parentheses) per call. Same tolerance for all, 1e-5, in each "
         "library's own stopping test (stated per row under 'Settings'), except the implicax "
         "rows marked 'tol …': the default solvers at looser tolerances, for the comparison at "
