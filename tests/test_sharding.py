@@ -123,3 +123,53 @@ def test_jit_with_named_sharding(mesh):
     assert_tree_close(x, x_ref)
     assert_tree_close(grad, g_ref, rtol=1e-8)
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, P("i")), 1)
+
+
+# Failures under each multi-device transform: the entries of device 2 diverge (x ↦ 2x + 1),
+# the others contract (x ↦ x/2 + 1, fixed point 2). The failure is reported, "nan" fills only
+# the failed problem, and the healthy ones are untouched.
+SLOPES = jnp.array([0.5, 0.5, 0.5, 0.5, 2.0, 2.0, 0.5, 0.5])
+EXPECTED = np.where(np.asarray(SLOPES) < 1, 2.0, np.nan).reshape(4, 2)
+
+
+def affine(x, slope):
+    return slope * x + 1.0
+
+
+def solve_affine(slope, on_failure):
+    return implicax.fixed_point_solve(affine, jnp.zeros(2), slope, on_failure=on_failure)
+
+
+def assert_only_device_2_failed(x):
+    np.testing.assert_allclose(np.asarray(x).reshape(4, 2), EXPECTED, rtol=1e-9)
+
+
+def test_failure_under_pmap_is_reported_for_its_device():
+    run = jax.pmap(solve_affine, static_broadcasted_argnums=1)
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+        jax.block_until_ready(run(SLOPES.reshape(4, 2), "warn"))
+    assert_only_device_2_failed(run(SLOPES.reshape(4, 2), "nan"))
+
+
+def test_failure_under_shard_map_is_reported_for_its_device(mesh):
+    def run(on_failure):
+        return jax.jit(
+            jax.shard_map(
+                lambda s: solve_affine(s, on_failure), mesh=mesh, in_specs=P("i"), out_specs=P("i")
+            )
+        )(SLOPES)
+
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+        jax.block_until_ready(run("warn"))
+    assert_only_device_2_failed(run("nan"))
+
+
+def test_failure_in_a_sharded_batch_names_the_failed_elements(mesh):
+    slopes = jax.device_put(SLOPES.reshape(4, 2), NamedSharding(mesh, P("i")))
+
+    def run(on_failure):
+        return jax.jit(jax.vmap(lambda s: solve_affine(s, on_failure)))(slopes)
+
+    with pytest.warns(RuntimeWarning, match="did not converge for 1 of 4 batch elements"):
+        jax.block_until_ready(run("warn"))
+    assert_only_device_2_failed(run("nan"))
