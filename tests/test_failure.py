@@ -1,5 +1,7 @@
 """A failed solve is reported, never silent; healthy batch elements are unaffected."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,9 +82,25 @@ def test_failure_report_adds_no_jax_effect(on_failure):
         x = implicax.fixed_point_solve(diverging, jnp.zeros(2), p, on_failure=on_failure)
         return jnp.sum(x)
 
-    for fn in (loss, jax.value_and_grad(loss)):
+    def stats_only(p):
+        _, stats = implicax.fixed_point_solve(
+            diverging, jnp.zeros(2), p, on_failure=on_failure, return_stats=True
+        )
+        return stats.converged
+
+    for fn in (loss, jax.value_and_grad(loss), stats_only):
         assert not jax.make_jaxpr(fn)(1.0).effects
         assert "callback" in jax.jit(fn).lower(1.0).compile().as_text()
+
+
+def test_report_runs_when_only_the_stats_are_used():
+    def converged(p):
+        _, stats = implicax.fixed_point_solve(diverging, jnp.zeros(2), p, return_stats=True)
+        return stats.converged
+
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge") as record:
+        assert not bool(jax.jit(converged)(1.0))
+    assert len(record) == 1
 
 
 def test_nan_produced_mid_solve_is_not_convergence():
@@ -250,14 +268,39 @@ def test_root_problem_without_a_root_is_not_converged(solver):
         _, stats = implicax.root_solve(
             lambda x, p: jnp.tanh(x) - p, jnp.zeros(1), 1.5, solver=solver, return_stats=True
         )
-    assert not bool(stats.converged)
+    assert not bool(stats.converged) and int(stats.steps) > 1
     assert float(stats.residual_norm) > 0.49 or not np.isfinite(float(stats.residual_norm))
+
+
+def test_root_test_is_not_loosened_by_a_distant_start():
+    # From x0 = 100, |F(x0)| = 1e6: the residual test alone (|F| ≤ atol + rtol·1e6 ≈ 24 in
+    # float32) would accept x ≈ 2.7; the step test keeps Newton going to the root 2^(1/3).
+    x, stats = implicax.root_solve(
+        lambda x, p: x**3 - p, jnp.full(1, 100.0, jnp.float32), 2.0, return_stats=True
+    )
+    assert bool(stats.converged)
+    np.testing.assert_allclose(np.asarray(x), 2.0 ** (1 / 3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ROOT_SOLVERS, ids=lambda s: type(s).__name__)
+def test_exact_root_with_zero_atol_is_converged(solver):
+    # F(x0) = 0 and x0 ≠ 0 with atol = 0: 0 / 0 in a scaled test must count as converged.
+    solver = dataclasses.replace(solver, atol=0.0)
+    x, stats = implicax.root_solve(
+        lambda x, p: x**3 - p,
+        jnp.array([2.0, 0.0]),
+        jnp.array([8.0, 0.0]),
+        solver=solver,
+        return_stats=True,
+    )
+    assert bool(stats.converged) and int(stats.steps) <= 1
+    np.testing.assert_array_equal(np.asarray(x), [2.0, 0.0])
 
 
 def test_root_test_is_relative_to_the_initial_residual():
     # Newton is invariant to the scale of F, and with atol=0 so is the stopping test: the same
-    # step count at every scale, in float32, where a test against atol + rtol·|x| could not
-    # be met at scale 1e6 (|F| ≤ 1e-4 would need |x − 3| ≤ 1e-10).
+    # step count at every scale, in float32, where a test of |F| against atol + rtol·|x| could
+    # not be met at scale 1e6 (it would need |x − 3| ≤ 3e-12).
     def residual(x, p):
         scale, target = p
         return scale * (x**3 + x - target)

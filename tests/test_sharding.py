@@ -144,10 +144,15 @@ def assert_only_device_2_failed(x):
     np.testing.assert_allclose(np.asarray(x).reshape(4, 2), EXPECTED, rtol=1e-9)
 
 
+def assert_one_report(record):
+    assert len([w for w in record if "did not converge" in str(w.message)]) == 1
+
+
 def test_failure_under_pmap_is_reported_for_its_device():
     run = jax.pmap(solve_affine, static_broadcasted_argnums=1)
-    with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge") as record:
         jax.block_until_ready(run(SLOPES.reshape(4, 2), "warn"))
+    assert_one_report(record)
     assert_only_device_2_failed(run(SLOPES.reshape(4, 2), "nan"))
 
 
@@ -159,8 +164,9 @@ def test_failure_under_shard_map_is_reported_for_its_device(mesh):
             )
         )(SLOPES)
 
-    with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge") as record:
         jax.block_until_ready(run("warn"))
+    assert_one_report(record)
     assert_only_device_2_failed(run("nan"))
 
 
@@ -170,6 +176,7 @@ def test_failure_in_a_sharded_batch_names_the_failed_elements(mesh):
     def run(on_failure):
         return jax.jit(jax.vmap(lambda s: solve_affine(s, on_failure)))(slopes)
 
-    with pytest.warns(RuntimeWarning, match="did not converge for 1 of 4 batch elements"):
+    with pytest.warns(RuntimeWarning, match="did not converge for 1 of 4 batch elements") as record:
         jax.block_until_ready(run("warn"))
+    assert_one_report(record)
     assert_only_device_2_failed(run("nan"))

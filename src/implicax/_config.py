@@ -83,18 +83,21 @@ def check_policy(on_failure: Any) -> None:
 
 def apply_failure_policy(
     x: PyTree, stats: SolveStats, on_failure: FailurePolicy, what: str
-) -> PyTree:
-    """Report a failed solve as the policy says; return x, or NaNs in its place for 'nan'.
+) -> tuple[PyTree, SolveStats]:
+    """Report a failed solve as the policy says; return (x, stats), with NaNs in place of x
+    for 'nan'.
 
     'warn' and 'raise' run a host callback with the converged flag; under `jax.vmap` the
-    callback sees the whole batch at once and reports how many elements failed.
+    callback sees the whole batch at once and reports how many elements failed. The report
+    runs whenever the returned x or stats are used.
     """
     if on_failure == "ignore":
-        return x
+        return x, stats
     if on_failure == "nan":
-        return jax.tree.map(
+        nan_x = jax.tree.map(
             lambda leaf: jnp.where(stats.converged, leaf, jnp.full_like(leaf, jnp.nan)), x
         )
+        return nan_x, stats
     message = f"implicax: the {what} did not converge"
 
     def report(converged, steps, residual):
@@ -113,21 +116,23 @@ def apply_failure_policy(
             )
         return np.ones((), np.bool_)
 
-    return _report_if_failed(report, x, stats.converged, stats.steps, stats.residual_norm)
+    return _report_if_failed(report, (x, stats), stats.converged, stats.steps, stats.residual_norm)
 
 
-def _report_if_failed(report, x: PyTree, converged: jax.Array, *args: jax.Array) -> PyTree:
-    """Return x, after ``report(converged, *args)`` has run on the host if some element failed.
+def _report_if_failed(report, tree: PyTree, converged: jax.Array, *args: jax.Array) -> PyTree:
+    """Return tree, after ``report(converged, *args)`` has run on the host if some element
+    failed.
 
     Only the failed branch of a `lax.cond` calls back, so a converged solve pays for one
     predicate and no transfer. Under vmap the check runs once on the whole batch (a custom_vmap
     rule un-batches it), so that the branch stays a real `lax.cond`.
 
-    The callback is a `jax.pure_callback`. It returns True (or raises), and x is selected
-    through that flag, so the callback runs whenever x is used: XLA removes a pure callback
-    whose result nothing reads. `jax.debug.callback` would need no such tie, but it is a JAX
-    effect, and a jitted function with an effect is dispatched on JAX's slower Python path:
-    0.16 ms more per call even when the branch is not taken (0.5 ms in the DEQ benchmark).
+    The callback is a `jax.pure_callback`. It returns True (or raises), and every leaf of tree
+    is selected through that flag, so the callback runs whenever any of them is used: XLA
+    removes a pure callback whose result nothing reads. `jax.debug.callback` would need no
+    such tie, but it is a JAX effect, and JAX dispatches a jitted function with an effect on
+    its slower Python path, even when the branch is not taken (measured: 0.17 ms more per
+    call on a 16 × 16 DEQ forward solve, 0.6 ms on a 128 × 128 one; docs/performance.md).
     """
 
     @jax.custom_batching.custom_vmap
@@ -141,8 +146,10 @@ def _report_if_failed(report, x: PyTree, converged: jax.Array, *args: jax.Array)
 
     @check.def_vmap
     def _(axis_size, in_batched, values):
+        # Batched or not, each value reaches the callback whole (the report takes the
+        # batch's max), and the flag is one for the batch.
         del axis_size, in_batched
         return check(values), False
 
     keep = check((converged, *args))
-    return jax.tree.map(lambda leaf: jnp.where(keep, leaf, jnp.nan), x)
+    return jax.tree.map(lambda leaf: jnp.where(keep, leaf, jnp.zeros_like(leaf)), tree)

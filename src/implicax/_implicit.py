@@ -50,15 +50,15 @@ class _Spec:
             stats = SolveStats(
                 jnp.asarray(-1, jnp.int32), residual_norm, jnp.isfinite(residual_norm)
             )
-        # A non-finite solution never counts as converged: a finite residual at x = inf
-        # (x − tanh(x) as a fixed-point map) meets any tolerance relative to |x|.
+        # A non-finite solution never counts as converged, even where the residual is zero
+        # there: a callable solver may "solve" tanh(x) = 1 with x = inf.
         return x, stats._replace(converged=stats.converged & jnp.isfinite(max_abs(x)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _solve(spec: _Spec, x0, params, consts):
     x, stats = spec.forward(x0, params, consts)
-    x = apply_failure_policy(x, stats, spec.on_failure, "forward solve")
+    x, stats = apply_failure_policy(x, stats, spec.on_failure, "forward solve")
     return x, _pack(stats)
 
 
@@ -100,7 +100,7 @@ def _solve_jvp(spec: _Spec, primals, tangents):
 def _reporting(spec: _Spec, what: str):
     def solve(matvec, b):
         x, stats = spec.linear_solver.solve(matvec, b)
-        return apply_failure_policy(x, stats, spec.on_failure, what)
+        return apply_failure_policy(x, stats, spec.on_failure, what)[0]
 
     return solve
 

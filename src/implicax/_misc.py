@@ -41,10 +41,11 @@ def tree_zeros_like(x: PyTree) -> PyTree:
 def scaled_error(residual: PyTree, x: PyTree, rtol: float, atol: float) -> jax.Array:
     """max_i |r_i| / (atol + rtol·|x_i|): the solve has converged when this is ≤ 1.
 
-    NaN anywhere makes the result NaN, so a NaN never passes for convergence.
+    NaN anywhere makes the result NaN, so a NaN never passes for convergence. An exact zero
+    counts as 0, also where atol = 0 and x_i = 0.
     """
     leaves = [
-        jnp.max(_upcast(jnp.abs(r)) / (atol + rtol * _upcast(jnp.abs(v))))
+        jnp.max(jnp.where(r == 0, 0, _upcast(jnp.abs(r)) / (atol + rtol * _upcast(jnp.abs(v)))))
         for r, v in zip(jax.tree.leaves(residual), jax.tree.leaves(x))
         if r.size
     ]

@@ -44,20 +44,34 @@ class Problem:
         return tree_sub(x, out) if self.fixed_point else out
 
     def scaled_error(
-        self, f: PyTree, x: PyTree, size: jax.Array, initial_size: jax.Array, rtol, atol
+        self,
+        f: PyTree,
+        step: PyTree | None,
+        x: PyTree,
+        size: jax.Array,
+        initial_size: jax.Array,
+        rtol: float,
+        atol: float,
     ) -> jax.Array:
         """The stopping test: converged when this is ≤ 1 (never for NaN).
 
-        ``f`` is ±F at the iterate ``x``, ``size`` = max|f| and ``initial_size`` = max|F(x0)|.
-        For a fixed point, F(x) = x − g(x) is a step in the units of x, so each component is
-        compared with x: |F_i| ≤ atol + rtol·|x_i|. A root problem's residual has units of its
-        own (a gradient, a force), so it is compared with where it started instead:
-        max|F| ≤ atol + rtol·max|F(x0)|. Compared with |x|, a residual that stays at 0.5
-        would pass once a run-away iterate reached |x| ≈ 0.5/rtol.
+        ``f`` is ±F at the iterate, ``step`` the step the solver just took (None before the
+        first), ``x`` the point that relative tolerances refer to, ``size`` = max|f| and
+        ``initial_size`` = max|F(x0)|.
+
+        For a fixed point, F(x) = x − g(x) is itself a step, in the units of x:
+        |F_i| ≤ atol + rtol·|x_i|. A root problem's residual has units of its own (a gradient,
+        a force), so two tests must hold. The step, in x's units: |step_i| ≤ atol + rtol·|x_i|.
+        And the residual, against where it started: max|F| ≤ atol + rtol·max|F(x0)|. The step
+        test alone passes iterates that run away in small steps from a problem with no root;
+        the residual test alone is loose after a start far from the root.
         """
         if self.fixed_point:
             return scaled_error(f, x, rtol, atol)
-        return size / (atol + rtol * initial_size)
+        residual = jnp.where(size == 0, 0, size / (atol + rtol * initial_size))
+        return (
+            residual if step is None else jnp.maximum(scaled_error(step, x, rtol, atol), residual)
+        )
 
 
 class _ForwardSolver(Tolerances):
@@ -116,7 +130,7 @@ class FixedPointIteration(_ForwardSolver):
             difference = tree_sub(gx, x)
             size = max_abs(difference)
             initial = jnp.where(steps == 0, size, initial)
-            error = problem.scaled_error(difference, gx, size, initial, rtol, atol)
+            error = problem.scaled_error(difference, difference, gx, size, initial, rtol, atol)
             x = gx if self.damping == 1 else tree_axpy(self.damping, difference, x)
             return x, error, size, initial, steps + 1
 
@@ -171,7 +185,7 @@ class Anderson(_ForwardSolver):
             f = gx - x
             size = max_abs(f)
             initial = jnp.where(steps == 0, size, initial)
-            error = problem.scaled_error(f, gx, size, initial, rtol, atol)
+            error = problem.scaled_error(f, f, gx, size, initial, rtol, atol)
             slot = steps % m
             xs = xs.at[slot].set(x)
             fs = fs.at[slot].set(f)
@@ -282,7 +296,7 @@ class Broyden(_ForwardSolver):
             us = jnp.where(usable, us.at[count].set(u), us)
             vs = jnp.where(usable, vs.at[count].set(v), vs)
             size = max_abs(f_new)
-            error = problem.scaled_error(f_new, x_new, size, initial, rtol, atol)
+            error = problem.scaled_error(f_new, step, x_new, size, initial, rtol, atol)
             return x_new, f_new, us, vs, count + usable, error, size, steps + 1
 
         def cond(carry):
@@ -297,7 +311,7 @@ class Broyden(_ForwardSolver):
             jnp.zeros((m, n), dtype),
             jnp.zeros((m, n), dtype),
             jnp.zeros((), jnp.int32),
-            problem.scaled_error(fx, x, initial, initial, rtol, atol),
+            problem.scaled_error(fx, None, x, initial, initial, rtol, atol),
             initial,
             jnp.ones((), jnp.int32),
         )
@@ -336,10 +350,11 @@ class Newton(_ForwardSolver):
             x, fx, _, _, steps = carry
             _, jvp = jax.linearize(problem.residual, x)
             delta, _ = linear_solver.solve(jvp, jax.tree.map(jnp.negative, fx))
-            x = tree_axpy(self.damping, delta, x)
+            step = jax.tree.map(lambda d: self.damping * d, delta)
+            x = jax.tree.map(jnp.add, x, step)
             fx = problem.residual(x)
             size = max_abs(fx)
-            error = problem.scaled_error(fx, x, size, initial, rtol, atol)
+            error = problem.scaled_error(fx, step, x, size, initial, rtol, atol)
             return x, fx, error, size, steps + 1
 
         def cond(carry):
@@ -347,7 +362,7 @@ class Newton(_ForwardSolver):
 
         fx = problem.residual(x0)
         initial = max_abs(fx)
-        error = problem.scaled_error(fx, x0, initial, initial, rtol, atol)
+        error = problem.scaled_error(fx, None, x0, initial, initial, rtol, atol)
         init = (x0, fx, error, initial, jnp.zeros((), jnp.int32))
         x, _, error, residual, steps = while_loop(cond, body, init, tree_varying_axes(x0))
         return x, SolveStats(steps, residual, error <= 1)
