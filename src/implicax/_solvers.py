@@ -55,14 +55,15 @@ class Problem:
     ) -> jax.Array:
         """The stopping test: converged when this is ≤ 1 (never for NaN).
 
-        ``f`` is ±F at the iterate, ``step`` the step the solver just took (None before the
-        first), ``x`` the point that relative tolerances refer to, ``size`` = max|f| and
+        ``f`` is ±F at the iterate, ``step`` the solver's last step before damping (None
+        before the first), ``x`` the point that relative tolerances refer to, ``size`` = max|f| and
         ``initial_size`` = max|F(x0)|.
 
         For a fixed point, F(x) = x − g(x) is itself a step, in the units of x:
         |F_i| ≤ atol + rtol·|x_i|. A root problem's residual has units of its own (a gradient,
         a force), so two tests must hold. The step, in x's units: |step_i| ≤ atol + rtol·|x_i|.
-        And the residual, against where it started: max|F| ≤ atol + rtol·max|F(x0)|. The step
+        And the residual, against where it started: max|F| ≤ atol + rtol·max|F(x0)|. Before
+        the first step only the residual test applies: a start within atol stops at once. The step
         test alone passes iterates that run away in small steps from a problem with no root;
         the residual test alone is loose after a start far from the root.
         """
@@ -105,7 +106,7 @@ class FixedPointIteration(_ForwardSolver):
     """Picard iteration x ← x + damping·(g(x) − x).
 
     Converges linearly at the rate of the map's contraction. Stops when
-    |g(x)_i − x_i| ≤ atol + rtol·|g(x)_i| for every i (for `root_solve`: when
+    |g(x)_i − x_i| ≤ atol + rtol·|g(x)_i| for every i (for `root_solve`, also
     max|F(x)| ≤ atol + rtol·max|F(x0)|), and returns the next iterate (g(x) itself when
     damping is 1).
 
@@ -246,7 +247,8 @@ class Broyden(_ForwardSolver):
     first step is a fixed-point step), steps x ← x − damping·H·F(x), and updates H by the
     Sherman–Morrison form of Broyden's rank-one update. After `history` updates it restarts from
     the identity. Runs in at least float32. Stops when |F(x)_i| ≤ atol + rtol·|x_i| for
-    `fixed_point_solve`, and when max|F(x)| ≤ atol + rtol·max|F(x0)| for `root_solve`.
+    `fixed_point_solve`; for `root_solve`, when the last undamped step satisfies
+    |Δx_i| ≤ atol + rtol·|x_i| and max|F(x)| ≤ atol + rtol·max|F(x0)|.
 
     Attributes:
         rtol, atol, max_steps: tolerances and the most evaluations of F.
@@ -281,7 +283,8 @@ class Broyden(_ForwardSolver):
 
         def body(carry):
             x, fx, us, vs, count, _, _, steps = carry
-            step = -self.damping * apply(us, vs, fx)
+            direction = -apply(us, vs, fx)  # the full quasi-Newton step, for the stopping test
+            step = self.damping * direction
             x_new = x + step
             f_new = residual(x_new)
             df = f_new - fx
@@ -296,7 +299,7 @@ class Broyden(_ForwardSolver):
             us = jnp.where(usable, us.at[count].set(u), us)
             vs = jnp.where(usable, vs.at[count].set(v), vs)
             size = max_abs(f_new)
-            error = problem.scaled_error(f_new, step, x_new, size, initial, rtol, atol)
+            error = problem.scaled_error(f_new, direction, x_new, size, initial, rtol, atol)
             return x_new, f_new, us, vs, count + usable, error, size, steps + 1
 
         def cond(carry):
@@ -350,11 +353,11 @@ class Newton(_ForwardSolver):
             x, fx, _, _, steps = carry
             _, jvp = jax.linearize(problem.residual, x)
             delta, _ = linear_solver.solve(jvp, jax.tree.map(jnp.negative, fx))
-            step = jax.tree.map(lambda d: self.damping * d, delta)
-            x = jax.tree.map(jnp.add, x, step)
+            x = tree_axpy(self.damping, delta, x)
             fx = problem.residual(x)
             size = max_abs(fx)
-            error = problem.scaled_error(fx, step, x, size, initial, rtol, atol)
+            # The full Newton step, not the damped one: damping must not loosen the test.
+            error = problem.scaled_error(fx, delta, x, size, initial, rtol, atol)
             return x, fx, error, size, steps + 1
 
         def cond(carry):
