@@ -124,8 +124,9 @@ def _report_if_failed(report, tree: PyTree, converged: jax.Array, *args: jax.Arr
     failed.
 
     Only the failed branch of a `lax.cond` calls back, so a converged solve pays for one
-    predicate, no transfer, and the select of tree through the flag. Under vmap the check runs once on the whole batch (a custom_vmap
-    rule un-batches it), so that the branch stays a real `lax.cond`.
+    predicate, no transfer, and the select of tree through the flag. Under vmap the check
+    runs once on the whole batch (a custom_vmap rule un-batches it), so that the branch stays
+    a real `lax.cond`.
 
     The callback is a `jax.pure_callback`. It returns True (or raises), and every leaf of tree
     is selected through that flag, so the callback runs whenever any of them is used: XLA

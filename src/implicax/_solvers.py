@@ -56,16 +56,16 @@ class Problem:
         """The stopping test: converged when this is ≤ 1 (never for NaN).
 
         ``f`` is ±F at the iterate, ``step`` the solver's last step before damping (None
-        before the first), ``x`` the point that relative tolerances refer to, ``size`` = max|f| and
-        ``initial_size`` = max|F(x0)|.
+        before the first), ``x`` the point that relative tolerances refer to,
+        ``size`` = max|f| and ``initial_size`` = max|F(x0)|.
 
         For a fixed point, F(x) = x − g(x) is itself a step, in the units of x:
         |F_i| ≤ atol + rtol·|x_i|. A root problem's residual has units of its own (a gradient,
         a force), so two tests must hold. The step, in x's units: |step_i| ≤ atol + rtol·|x_i|.
         And the residual, against where it started: max|F| ≤ atol + rtol·max|F(x0)|. Before
-        the first step only the residual test applies: a start within atol stops at once. The step
-        test alone passes iterates that run away in small steps from a problem with no root;
-        the residual test alone is loose after a start far from the root.
+        the first step only the residual test applies: a start within atol stops at once.
+        The step test alone passes iterates that run away in small steps from a problem with
+        no root; the residual test alone is loose after a start far from the root.
         """
         if self.fixed_point:
             return scaled_error(f, x, rtol, atol)
