@@ -44,6 +44,20 @@ def data_mesh():
     return jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def _one_slice_per_device(tree):
+    return jax.device_put(tree, NamedSharding(data_mesh(), P("data")))
+
+
+def replicated_per_device(tree):
+    """For pmap: 4 copies of every leaf along a new leading axis, one on each device."""
+    return _one_slice_per_device(jax.tree.map(lambda a: np.stack([a] * 4), tree))
+
+
+def split_per_device(batch):
+    """For pmap: the batch split into 4 slices along a new leading axis, one on each device."""
+    return _one_slice_per_device(np.reshape(batch, (4, -1, *np.shape(batch)[1:])))
+
+
 def train_step(apply, params, opt_state, x, y, axis_name=None):
     """One Adam step on the mean squared error of ``apply(params, x)``; gradients averaged over
     `axis_name` when given (pmap)."""
@@ -79,17 +93,12 @@ def check_sharded_jit_step(apply, training):
 def check_pmap_step(apply, training):
     """pmap over 4 devices, 2 examples each, gradients averaged with pmean."""
     params, x, y, expected = training
-    stacked = NamedSharding(data_mesh(), P("data"))  # leading axis: one slice per device
-
-    def replicate(tree):
-        return jax.device_put(jax.tree.map(lambda a: np.stack([a] * 4), tree), stacked)
-
     step = jax.pmap(functools.partial(train_step, apply, axis_name="data"), axis_name="data")
     new_params, _, _ = step(
-        replicate(params),
-        replicate(OPTIMIZER.init(params)),
-        jax.device_put(np.reshape(x, (4, 2, -1)), stacked),
-        jax.device_put(np.reshape(y, (4, 2, -1)), stacked),
+        replicated_per_device(params),
+        replicated_per_device(OPTIMIZER.init(params)),
+        split_per_device(x),
+        split_per_device(y),
     )
     new_params = jax.tree.map(lambda a: np.asarray(a)[0], new_params)
     assert_tree_allclose(new_params, expected[0], rtol=1e-8)

@@ -15,7 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from deq_helpers import F64, FAST, UNROLL, assert_tree_allclose, data_mesh, random_data
+from deq_helpers import (
+    F64,
+    FAST,
+    UNROLL,
+    assert_tree_allclose,
+    data_mesh,
+    random_data,
+    replicated_per_device,
+    split_per_device,
+)
 from flax import nnx
 from implicax_flax.nnx import DEQ, SolveStatsVariable
 from jax import lax
@@ -249,21 +258,16 @@ def test_sharded_jit_training_step(training):
 
 def test_pmap_training_step(training):
     graphdef, params, rest, x, y, expected = training
-    stacked = NamedSharding(data_mesh(), P("data"))  # leading axis: one slice per device
-
-    def replicate(tree):
-        return jax.device_put(jax.tree.map(lambda a: np.stack([a] * 4), tree), stacked)
-
     step = jax.pmap(
         lambda p, r, o, x, y: _functional_step(graphdef, p, r, o, x, y, axis_name="data"),
         axis_name="data",
     )
     new_params, _, value = step(
-        replicate(params),
-        replicate(rest),
-        replicate(TX.init(params)),
-        jax.device_put(np.reshape(x, (4, 2, -1)), stacked),
-        jax.device_put(np.reshape(y, (4, 2, -1)), stacked),
+        replicated_per_device(params),
+        replicated_per_device(rest),
+        replicated_per_device(TX.init(params)),
+        split_per_device(x),
+        split_per_device(y),
     )
     new_params = jax.tree.map(lambda a: np.asarray(a)[0], new_params)
     assert_tree_allclose(new_params, expected[0], rtol=1e-8)
