@@ -68,18 +68,14 @@ def check_derivatives(
     for name, value in (("atol", atol), ("rtol", rtol), ("eps", eps)):
         _check_tolerance("check_derivatives", name, value, positive=name == "eps")
     args = jax.tree.map(jnp.asarray, tuple(args))
-    for path, leaf in jax.tree_util.tree_leaves_with_path(args):
-        where = "args" + jax.tree_util.keystr(path)
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            raise TypeError(
-                f"check_derivatives: {where} has dtype {leaf.dtype}; derivatives are checked "
-                "with respect to every argument, which must be floating (or complex)."
-            )
-        if not bool(jnp.all(jnp.isfinite(leaf))):
-            raise ValueError(
-                f"check_derivatives: {where} is not finite; derivatives at NaN or inf cannot "
-                "be checked."
-            )
+    _check_leaves(
+        "check_derivatives",
+        "args",
+        args,
+        floating="derivatives are checked with respect to every argument, which must be "
+        "floating (or complex)",
+        finite="; derivatives at NaN or inf cannot be checked",
+    )
     for transform in transforms:
         g, g_args = _transformed(f, args, transform)
         # Finite differences of a NaN value are NaN, and NaN compares equal to NaN.
@@ -124,6 +120,20 @@ def _check_tolerance(entry: str, name: str, value: Any, *, positive: bool = Fals
             )
 
 
+def _check_leaves(
+    entry: str, name: str, tree: Any, *, floating: str | None = None, finite: str = ""
+) -> None:
+    """Raise for the first leaf of `tree` that is not finite, or (when `floating` gives the
+    reason) not floating or complex; the messages name the leaf by its path."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        where = name + jax.tree_util.keystr(path)
+        dtype = jnp.result_type(leaf)
+        if floating is not None and not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(f"{entry}: {where} has dtype {dtype}; {floating}.")
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(f"{entry}: {where} is not finite{finite}.")
+
+
 def _transformed(f, args, transform):
     if transform == "none":
         return f, args
@@ -159,17 +169,14 @@ def check_against_unrolled(
     _check_tolerance("check_against_unrolled", "atol", atol)
     if "return_stats" in solve_kwargs:
         raise TypeError("check_against_unrolled: return_stats is not supported.")
-    for name, tree in (("params", params), ("x0", x0)):
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            where = name + jax.tree_util.keystr(path)
-            dtype = jnp.result_type(leaf)
-            if name == "params" and not jnp.issubdtype(dtype, jnp.inexact):
-                raise TypeError(
-                    f"check_against_unrolled: {where} has dtype {dtype}; the Jacobian is taken "
-                    "with respect to every leaf of params, which must be floating."
-                )
-            if not bool(jnp.all(jnp.isfinite(leaf))):
-                raise ValueError(f"check_against_unrolled: {where} is not finite.")
+    _check_leaves(
+        "check_against_unrolled",
+        "params",
+        params,
+        floating="the Jacobian is taken with respect to every leaf of params, which must be "
+        "floating",
+    )
+    _check_leaves("check_against_unrolled", "x0", x0)
 
     def implicit(p):
         return fixed_point_solve(fn, x0, p, **solve_kwargs)
