@@ -26,10 +26,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from implicax_adapters import deq_initial_state
 
 import implicax
-from implicax._config import FailurePolicy
-from implicax._misc import deq_initial_state
+from implicax import FailurePolicy
 
 __all__ = ["DEQ"]
 

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.errors import TraceContextError
+from implicax_adapters import deq_initial_state
 
 import implicax
-from implicax._config import FailurePolicy
-from implicax._misc import deq_initial_state
+from implicax import FailurePolicy
 
 __all__ = ["DEQ", "SolveStatsVariable"]
 
@@ -109,6 +109,8 @@ class DEQ(nnx.Module):
                 steps=jnp.zeros((), jnp.int32),
                 residual_norm=jnp.full((), jnp.nan),  # the default float dtype
                 converged=jnp.zeros((), jnp.bool_),
+                diverged=jnp.zeros((), jnp.bool_),
+                inner_failures=jnp.zeros((), jnp.int32),
             )
         )
 

@@ -1,13 +1,20 @@
 """implicax: differentiate through root and fixed-point solves by the implicit function theorem."""
 
-from ._config import SolveStats as SolveStats
-from ._implicit import fixed_point_solve as fixed_point_solve
-from ._implicit import root_solve as root_solve
-from ._linear import CG as CG
-from ._linear import GMRES as GMRES
-from ._linear import BiCGStab as BiCGStab
+from ._failure import FailurePolicy as FailurePolicy
+from ._failure import SolveStats as SolveStats
+from ._forward import AbstractForwardSolver as AbstractForwardSolver
+from ._forward import Problem as Problem
+from ._forward import Progress as Progress
+from ._krylov import CG as CG
+from ._krylov import GMRES as GMRES
+from ._krylov import BiCGStab as BiCGStab
+from ._krylov import Neumann as Neumann
+from ._linear import AbstractIterativeLinearSolver as AbstractIterativeLinearSolver
+from ._linear import AbstractLinearSolver as AbstractLinearSolver
+from ._linear import Budget as Budget
 from ._linear import Dense as Dense
-from ._linear import Neumann as Neumann
+from ._solve import fixed_point_solve as fixed_point_solve
+from ._solve import root_solve as root_solve
 from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
 from ._solvers import FixedPointIteration as FixedPointIteration
@@ -16,15 +23,22 @@ from ._solvers import Newton as Newton
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbstractForwardSolver",
+    "AbstractIterativeLinearSolver",
+    "AbstractLinearSolver",
     "Anderson",
     "BiCGStab",
     "Broyden",
+    "Budget",
     "CG",
     "Dense",
+    "FailurePolicy",
     "FixedPointIteration",
     "GMRES",
     "Neumann",
     "Newton",
+    "Problem",
+    "Progress",
     "SolveStats",
     "fixed_point_solve",
     "root_solve",

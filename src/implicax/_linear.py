@@ -1,326 +1,278 @@
-"""Linear solvers for the tangent and adjoint systems A·x = b, on pytrees, matrix-free.
+"""The linear-solver protocol, its verified driver loop, `Dense`, and user callables.
 
-Each solver is an immutable configuration; calling it as ``solver(matvec, b)`` returns x, and
-``solver.solve(matvec, b)`` returns ``(x, SolveStats)``. `steps` counts matrix-vector products.
+Every linear solve A·x = b (the tangent and adjoint systems, Newton's steps) goes through
+`AbstractLinearSolver.solve`, which returns ``(x, SolveStats)``. Iterative methods subclass
+`AbstractIterativeLinearSolver` and write three hooks; its driver owns the rest:
+
+- it scales b by a power of two near max|b| (and x back), so that norms and inner products
+  neither overflow nor underflow in float32 whatever the scale of the cotangent;
+- it stops on the method's residual estimate, ``max_steps`` products, or a non-finite
+  estimate (a breakdown);
+- it then VERIFIES: `converged` means the true residual ‖b − A·x‖₂, recomputed with one more
+  product, meets atol + rtol·‖b‖₂, and x is finite. Where a recurrence estimate drifted below
+  the tolerance but the true residual did not, the method runs again on the true residual (a
+  few rounds at most). A singular or inconsistent system, or a solver applied to a matrix it
+  does not support (CG on a nonsymmetric one), is reported, never passed off as solved.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from ._config import SolveStats, Tolerances
-from ._misc import (
+from ._failure import SolveStats, make_stats
+from ._options import check_tolerance, dynamic_field, register
+from ._sharding import make_varying, tree_varying_axes, while_loop
+from ._termination import Tolerances, linear_threshold
+from ._tree import (
     PyTree,
-    make_varying,
-    tree_axpy,
+    all_finite,
+    least_precise_dtype,
+    max_abs,
+    real_dtype,
+    safe_norm,
+    tree_add,
     tree_norm,
     tree_sub,
-    tree_varying_axes,
-    tree_vdot,
     tree_zeros_like,
-    while_loop,
+    widest,
 )
 
 Matvec = Callable[[PyTree], PyTree]
 
 
-class _LinearSolver:
-    symmetric: ClassVar[bool] = False  # whether the solver assumes A = Aᵀ (then Aᵀ reuses it)
+class AbstractLinearSolver(abc.ABC):
+    """Base class of every linear solver: ``solve(matvec, b) -> (x, SolveStats)`` on pytrees.
+
+    Calling the solver, ``solver(matvec, b)``, returns x alone. Subclass
+    `AbstractIterativeLinearSolver` for an iterative method (you get the verified driver);
+    override `solve` directly for a direct method, as `Dense` does. Subclasses are frozen
+    dataclasses and pytrees: fields made with ``implicax._options.dynamic_field`` (the
+    tolerances) are leaves, the others static.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register(cls)
 
     def __call__(self, matvec: Matvec, b: PyTree) -> PyTree:
         return self.solve(matvec, b)[0]
 
+    @abc.abstractmethod
     def solve(self, matvec: Matvec, b: PyTree) -> tuple[PyTree, SolveStats]:
-        raise NotImplementedError
+        """Solve matvec(x) = b; `SolveStats.steps` counts matrix-vector products."""
 
 
-class _IterativeLinearSolver(Tolerances, _LinearSolver):
-    def _threshold(self, b: PyTree) -> jax.Array:
-        """Converged when ‖b − A·x‖₂ ≤ atol + rtol·‖b‖₂; atol defaults to 0 here.
+class Budget(NamedTuple):
+    """What an iterative step may spend: it must not go on past these (used by methods, like
+    GMRES, whose step is itself a loop)."""
 
-        A relative test only: cotangents of batch-mean losses are small, and an absolute floor
-        at the forward solve's tolerance cost a 10× larger gradient error in the benchmarks.
-        """
-        rtol, _ = self.resolve(b)
-        atol = 0.0 if self.atol is None else float(self.atol)
-        return atol + rtol * tree_norm(b)
+    threshold: jax.Array  # the target for the residual estimate
+    products: jax.Array  # products still allowed
 
-
-def _axes(matvec: Matvec, b: PyTree) -> frozenset:
-    """Mesh axes the iteration's state varies over inside shard_map: those of b and of A·b."""
-    return tree_varying_axes(b, jax.eval_shape(matvec, b))
+    def keep_going(self, estimate: jax.Array, used: jax.Array) -> jax.Array:
+        return (estimate > self.threshold) & jnp.isfinite(estimate) & (used < self.products)
 
 
-def set_row(buffer: jax.Array, i: Any, row: jax.Array) -> jax.Array:
-    """buffer[i] = row, as a dynamic-update-slice (a scatter compiles far slower on CPU)."""
-    return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), i, 0)
+def default_step_limit(size: int) -> int:
+    """max_steps=None for a linear solver: max(256, 16·⌈√n⌉) matrix-vector products.
 
-
-def _stats(steps, residual_norm, threshold) -> SolveStats:
-    return SolveStats(steps, residual_norm, residual_norm <= threshold)
-
-
-def _keep_going(residual_norm, threshold, steps, max_steps):
-    return (residual_norm > threshold) & jnp.isfinite(residual_norm) & (steps < max_steps)
+    Krylov methods on discretised 2-D operators need about √cond ∝ grid side = √n iterations,
+    so a fixed limit stops large problems early (a 256² Poisson adjoint at 256 products).
+    """
+    return max(256, 16 * math.isqrt(max(size - 1, 0)) + 16)
 
 
 @dataclasses.dataclass(frozen=True)
-class CG(_IterativeLinearSolver):
-    """Conjugate gradients. Only for symmetric positive-definite A (e.g. the Hessian of a
-    strictly convex objective in `root_solve`); the transposed system reuses the same solve.
+class AbstractIterativeLinearSolver(Tolerances, AbstractLinearSolver):
+    """An iterative linear solver, as three hooks over a state of its own:
 
-    Attributes:
-        rtol, atol, max_steps: stop when ‖b − A·x‖₂ ≤ atol + rtol·‖b‖₂ or after max_steps
-            matrix-vector products.
+    - ``init(matvec, b) -> state``, with x = 0;
+    - ``step(matvec, b, state, budget) -> (state, estimate, products)``: one iteration; the
+      estimate of ‖b − A·x‖₂ and the number of matrix-vector products it used. A non-finite
+      estimate stops the loop (a breakdown);
+    - ``solution(state) -> x``.
+
+    b reaches the hooks scaled to max|b| ≈ 1. Fields: ``rtol``, ``atol`` (in b's units;
+    default 0) and ``max_steps`` (products; None: ``max(256, 16·⌈√n⌉)``, n = size of b).
     """
 
-    symmetric: ClassVar[bool] = True
+    max_steps: Any = dynamic_field(None)
+
+    def _scaled_step_limit(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def init(self, matvec: Matvec, b: PyTree) -> Any:
+        """The state at x = 0."""
+
+    @abc.abstractmethod
+    def step(self, matvec: Matvec, b: PyTree, state: Any, budget: Budget) -> tuple[Any, Any, Any]:
+        """One iteration: (state, residual estimate, matrix-vector products used)."""
+
+    @abc.abstractmethod
+    def solution(self, state: Any) -> PyTree:
+        """The current x."""
 
     def solve(self, matvec, b):
-        threshold = self._threshold(b)
+        rtol, atol = self.resolve(b, atol_default_is_rtol=False)
+        scale, unit_b = _scaled(b)
+        norm_b = tree_norm(unit_b)
+        threshold = linear_threshold(norm_b, rtol, atol / jnp.where(scale > 0, scale, 1))
+        size = sum(leaf.size for leaf in jax.tree.leaves(b))
+        max_steps = (
+            jnp.asarray(default_step_limit(size), jnp.int32)
+            if self.max_steps is None
+            else self.step_limit()
+        )
+        axes = tree_varying_axes(b, jax.eval_shape(matvec, b))
 
-        def body(carry):
-            x, r, p, rr, steps = carry
-            ap = matvec(p)
-            alpha = rr / tree_vdot(p, ap)
-            x = tree_axpy(alpha, p, x)
-            r = tree_axpy(-alpha, ap, r)
-            rr_new = tree_vdot(r, r)
-            p = tree_axpy(rr_new / rr, p, r)
-            return x, r, p, rr_new, steps + 1
+        # One product of the budget is kept for the check that ends each round.
+        limit = max_steps - 1
 
-        def cond(carry):
-            return _keep_going(jnp.sqrt(carry[3]), threshold, carry[4], self.max_steps)
+        def iterate(r, used):  # the method on A·δ = r from δ = 0, until its estimate stops it
+            def cond(carry):
+                _, estimate, used = carry
+                return Budget(threshold, limit).keep_going(estimate, used)
 
-        init = (tree_zeros_like(b), b, b, tree_vdot(b, b), jnp.zeros((), jnp.int32))
-        x, _, _, rr, steps = while_loop(cond, body, init, _axes(matvec, b))
-        return x, _stats(steps, jnp.sqrt(rr), threshold)
+            def body(carry):
+                state, _, used = carry
+                budget = Budget(threshold, limit - used)
+                state, estimate, products = self.step(matvec, r, state, budget)
+                return state, estimate.astype(norm_b.dtype), used + products
+
+            state, _, used = while_loop(
+                cond, body, (self.init(matvec, r), tree_norm(r), used), axes
+            )
+            return self.solution(state), used
+
+        # Rounds of the method, each verified on the true residual with one product. A round
+        # whose estimate drifted below the threshold while the true residual did not follow
+        # is followed by another one on the true residual (iterative refinement).
+        def round_cond(carry):
+            _, _, residual, used, rounds = carry
+            keep_going = Budget(threshold, max_steps).keep_going(residual, used)
+            return keep_going & (rounds < _ROUNDS)
+
+        def round_body(carry):
+            x, r, _, used, rounds = carry
+            delta, used = iterate(r, used)
+            x = tree_add(x, delta)
+            r = tree_sub(unit_b, matvec(x))
+            return x, r, tree_norm(r), used + 1, rounds + 1
+
+        zero = jnp.zeros((), jnp.int32)
+        init = (tree_zeros_like(unit_b), unit_b, norm_b, zero, zero)
+        unit_x, _, residual, used, _ = while_loop(round_cond, round_body, init, axes)
+        x = jax.tree.map(lambda leaf: _times(leaf, scale), unit_x)
+        finite = all_finite(x) & jnp.isfinite(scale * residual)  # scaled back: may overflow
+        stats = make_stats(used, scale * residual, finite & (residual <= threshold), ~finite)
+        return x, stats
+
+
+# Rounds of refinement at most: a round that ends short of the tolerance on a method's drifted
+# estimate gets up to this many more; a method that stalls is stopped, not retried forever.
+_ROUNDS = 4
+
+
+def _scaled(b: PyTree) -> tuple[jax.Array, PyTree]:
+    """(s, b / s) with s a power of two within a factor 2 of max|b| (exact scaling); s = 1 for
+    b = 0. A non-finite b gives s = NaN or inf, so that x comes back non-finite (reported)."""
+    largest = max_abs(b)
+    usable = (largest > 0) & jnp.isfinite(largest)
+    scale = jnp.where(usable, jnp.exp2(jnp.floor(jnp.log2(jnp.where(usable, largest, 1)))), 1)
+    scale = jnp.where(jnp.isfinite(largest), scale, largest)
+    unit = jax.tree.map(lambda leaf: _times(leaf, 1 / jnp.where(usable, scale, 1)), b)
+    return scale, unit
+
+
+def _times(leaf: jax.Array, factor: jax.Array) -> jax.Array:
+    """leaf·factor computed in the factor's (widest) dtype: a float32 leaf of a tree with
+    float64 leaves may need a scale that float32 cannot represent."""
+    wide = widest([leaf.dtype, factor.dtype])
+    return (leaf.astype(wide) * factor.astype(wide)).astype(leaf.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class BiCGStab(_IterativeLinearSolver):
-    """Biconjugate gradients, stabilised (van der Vorst 1992): general nonsymmetric A, short
-    recurrences, two matrix-vector products per iteration.
+class Dense(AbstractLinearSolver):
+    """Materialise A (n matrix-vector products, vectorised) and solve by LU with partial
+    pivoting. For small n only: memory n², time n³.
+
+    Converged means x is finite, A is not singular to working precision (every pivot
+    exceeds n·eps·max|pivot|), and x solves a nearby system: the normwise backward error
+    ‖b − A·x‖₂ / (‖A‖_F·‖x‖₂ + ‖b‖₂) is at most ``rtol``.
 
     Attributes:
-        rtol, atol, max_steps: as for `CG`.
+        rtol: backward-error tolerance; None picks ``eps**(2/3)`` of the least precise dtype
+            among b's leaves.
     """
 
-    def solve(self, matvec, b):
-        threshold = self._threshold(b)
-        one = jnp.ones((), tree_vdot(b, b).dtype)
-
-        def body(carry):
-            x, r, p, v, rho, alpha, omega, _, steps = carry
-            rho_new = tree_vdot(b, r)
-            beta = (rho_new / rho) * (alpha / omega)
-            p = tree_axpy(beta, tree_axpy(-omega, v, p), r)
-            v = matvec(p)
-            alpha = rho_new / tree_vdot(b, v)
-            s = tree_axpy(-alpha, v, r)
-            t = matvec(s)
-            tt = tree_vdot(t, t)
-            omega = jnp.where(tt > 0, tree_vdot(t, s) / jnp.where(tt > 0, tt, 1), 0)
-            x = tree_axpy(omega, s, tree_axpy(alpha, p, x))
-            r = tree_axpy(-omega, t, s)
-            return x, r, p, v, rho_new, alpha, omega, tree_norm(r), steps + 2
-
-        def cond(carry):
-            return _keep_going(carry[7], threshold, carry[8], self.max_steps)
-
-        zeros = tree_zeros_like(b)
-        init = (zeros, b, zeros, zeros, one, one, one, tree_norm(b), jnp.zeros((), jnp.int32))
-        x, *_, residual, steps = while_loop(cond, body, init, _axes(matvec, b))
-        return x, _stats(steps, residual, threshold)
-
-
-@dataclasses.dataclass(frozen=True)
-class GMRES(_IterativeLinearSolver):
-    """Restarted GMRES (Saad & Schultz 1986): minimises ‖b − A·x‖₂ over a Krylov space of
-    dimension `restart`, then restarts from the new x. General nonsymmetric A.
-
-    Gram–Schmidt is applied twice per step (numerically as robust as Householder for these
-    sizes), and Givens rotations give the residual at every step, so it stops as soon as the
-    tolerance is met, inside a cycle.
-
-    Attributes:
-        rtol, atol, max_steps: as for `CG`.
-        restart: Krylov dimension per cycle (memory: restart + 1 vectors).
-    """
-
-    restart: int = 32
+    rtol: Any = dynamic_field(None)
 
     def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
-            raise ValueError(f"GMRES: restart must be an int >= 1, got {self.restart!r}.")
+        check_tolerance("Dense", "rtol", self.rtol)
 
     def solve(self, matvec, b):
-        threshold = self._threshold(b)
-        axes = _axes(matvec, b)
-        m = self.restart
-        dtype = tree_vdot(b, b).dtype
+        flat_b, unravel_b = ravel_pytree(b)
+        original, dtype = flat_b.dtype, real_dtype(b)  # LU in at least float32
 
-        def project(basis, w):
-            return sum(
-                jnp.tensordot(vl.reshape(m + 1, -1), wl.reshape(-1), axes=1).astype(dtype)
-                for vl, wl in zip(jax.tree.leaves(basis), jax.tree.leaves(w))
-            )
+        def unravel(v):
+            return unravel_b(v.astype(original))
 
-        def combine(coefficients, basis):
-            return jax.tree.map(
-                lambda vl: jnp.tensordot(coefficients.astype(vl.dtype), vl, axes=1), basis
-            )
-
-        def arnoldi_step(state):
-            basis, columns, g, cs, sn, j, steps = state
-            w = matvec(jax.tree.map(lambda vl: vl[j], basis))
-            h = project(basis, w)
-            w = tree_sub(w, combine(h, basis))
-            correction = project(basis, w)
-            w = tree_sub(w, combine(correction, basis))
-            h_next = tree_norm(w)
-            safe = jnp.where(h_next > 0, h_next, 1)
-            basis = jax.tree.map(
-                lambda vl, wl: set_row(vl, j + 1, wl / safe.astype(wl.dtype)), basis, w
-            )
-            h = jnp.where(jnp.arange(m + 1) == j + 1, h_next, h + correction)
-
-            def rotate(i, h):  # apply the i-th Givens rotation to rows i, i + 1
-                hi, hk = lax.dynamic_slice_in_dim(h, i, 2)
-                rotated = jnp.stack([cs[i] * hi + sn[i] * hk, cs[i] * hk - sn[i] * hi])
-                return lax.dynamic_update_slice_in_dim(h, rotated, i, 0)
-
-            h = lax.fori_loop(0, j, rotate, h)
-            hj, hk = lax.dynamic_slice_in_dim(h, j, 2)
-            radius = jnp.hypot(hj, hk)
-            nonzero = radius > 0
-            c = jnp.where(nonzero, hj / jnp.where(nonzero, radius, 1), 1)
-            s = jnp.where(nonzero, hk / jnp.where(nonzero, radius, 1), 0)
-            h = lax.dynamic_update_slice_in_dim(
-                h, jnp.stack([radius, jnp.zeros_like(radius)]), j, 0
-            )
-            gj = g[j]
-            g = lax.dynamic_update_slice_in_dim(g, jnp.stack([c * gj, -s * gj]), j, 0)
-            columns = set_row(columns, j, h[:m])
-            at_j = jnp.arange(m) == j
-            cs, sn = jnp.where(at_j, c, cs), jnp.where(at_j, s, sn)
-            return basis, columns, g, cs, sn, j + 1, steps + 1
-
-        def cycle(carry):
-            x, _, steps = carry
-            r = tree_sub(b, matvec(x))
-            beta = tree_norm(r)
-            safe_beta = jnp.where(beta > 0, beta, 1)
-            basis = jax.tree.map(
-                lambda rl: set_row(
-                    jnp.zeros((m + 1, *rl.shape), rl.dtype), 0, rl / safe_beta.astype(rl.dtype)
-                ),
-                r,
-            )
-            state = (
-                basis,
-                jnp.zeros((m, m), dtype),  # row k: the k-th column of the rotated Hessenberg R
-                jnp.zeros(m + 1, dtype).at[0].set(beta),
-                jnp.zeros(m, dtype),
-                jnp.zeros(m, dtype),
-                jnp.zeros((), jnp.int32),
-                steps + 1,
-            )
-
-            def inner_cond(state):
-                g, j, steps = state[2], state[5], state[6]
-                return (j < m) & _keep_going(jnp.abs(g[j]), threshold, steps, self.max_steps)
-
-            basis, columns, g, _, _, j, steps = while_loop(inner_cond, arnoldi_step, state, axes)
-            active = jnp.arange(m) < j
-            upper = jnp.where(active[:, None] & active[None, :], columns.T, jnp.eye(m, dtype=dtype))
-            y = jsl.solve_triangular(upper, jnp.where(active, g[:m], 0), lower=False)
-            update = combine(y, jax.tree.map(lambda vl: vl[:m], basis))
-            return jax.tree.map(jnp.add, x, update), jnp.abs(g[j]), steps
-
-        def cond(carry):
-            return _keep_going(carry[1], threshold, carry[2], self.max_steps)
-
-        init = (tree_zeros_like(b), tree_norm(b), jnp.zeros((), jnp.int32))
-        x, residual, steps = while_loop(cond, cycle, init, axes)
-        return x, _stats(steps, residual, threshold)
-
-
-@dataclasses.dataclass(frozen=True)
-class Neumann(_IterativeLinearSolver):
-    """Successive approximation x ← x + (b − A·x): the Neumann series for A = I − J.
-
-    For a fixed point x = f(x, θ) with contractive J = ∂f/∂x this is Christianson's two-phase
-    reverse accumulation (fax's `two_phase_solve`): the adjoint iterates at the rate of the
-    forward iteration, one Jacobian product per step. It diverges when ‖J‖ ≥ 1.
-
-    Attributes:
-        rtol, atol, max_steps: as for `CG`.
-    """
-
-    def solve(self, matvec, b):
-        threshold = self._threshold(b)
-
-        def body(carry):
-            x, r, _, steps = carry
-            x = jax.tree.map(jnp.add, x, r)
-            r = tree_sub(r, matvec(r))
-            return x, r, tree_norm(r), steps + 1
-
-        def cond(carry):
-            return _keep_going(carry[2], threshold, carry[3], self.max_steps)
-
-        init = (tree_zeros_like(b), b, tree_norm(b), jnp.zeros((), jnp.int32))
-        x, _, residual, steps = while_loop(cond, body, init, _axes(matvec, b))
-        return x, _stats(steps, residual, threshold)
-
-
-@dataclasses.dataclass(frozen=True)
-class Dense(_LinearSolver):
-    """Materialise A (n matrix-vector products, vectorised) and solve by LU. For small n only:
-    memory n², time n³. Converged means the solution is finite."""
-
-    def solve(self, matvec, b):
-        flat_b, unravel = ravel_pytree(b)
+        flat_b = flat_b.astype(dtype)
         n = flat_b.size
+        axes = tree_varying_axes(b, jax.eval_shape(matvec, b))
 
         def flat_matvec(v):
-            return ravel_pytree(matvec(unravel(v)))[0]
+            return ravel_pytree(matvec(unravel(v)))[0].astype(dtype)
 
-        basis = make_varying(jnp.eye(n, dtype=flat_b.dtype), _axes(matvec, b))
-        columns = jax.vmap(flat_matvec)(basis)
-        x = jnp.linalg.solve(columns.T, flat_b)
-        residual = jnp.linalg.norm(flat_b - flat_matvec(x))
-        stats = SolveStats(jnp.asarray(n + 1, jnp.int32), residual, jnp.all(jnp.isfinite(x)))
-        return unravel(x), stats
+        basis = make_varying(jnp.eye(n, dtype=flat_b.dtype), axes)
+        matrix = jax.vmap(flat_matvec)(basis).T
+        lu, pivots = jsl.lu_factor(matrix)
+        flat_x = jsl.lu_solve((lu, pivots), flat_b)
+        residual = safe_norm(flat_b - flat_matvec(flat_x))
+        # The least precise leaf sets the attainable accuracy (the matrix of a mixed
+        # float32/float64 tree is float32-accurate in its float32 rows).
+        eps = jnp.finfo(least_precise_dtype(b)).eps
+        rtol = eps ** (2 / 3) if self.rtol is None else self.rtol
+        rtol = jnp.asarray(rtol).astype(dtype)
+        diagonal = jnp.abs(jnp.diagonal(lu))
+        nonsingular = jnp.all(diagonal > jnp.asarray(n * eps, dtype) * max_abs(diagonal))
+        backward = rtol * (safe_norm(matrix) * safe_norm(flat_x) + safe_norm(flat_b))
+        finite = jnp.all(jnp.isfinite(flat_x)) & jnp.isfinite(residual)
+        converged = finite & nonsingular & (residual <= backward)
+        return unravel(flat_x), make_stats(n + 1, residual, converged, ~finite)
 
 
-def as_linear_solver(linear_solver) -> _LinearSolver:
-    """Wrap a user callable ``linear_solver(matvec, b) -> x`` so it reports statistics."""
-    if isinstance(linear_solver, _LinearSolver):
+@dataclasses.dataclass(frozen=True)
+class CallableLinearSolver(AbstractLinearSolver):
+    """A user's ``linear_solver(matvec, b) -> x``. Its own tolerance is unknown, so converged
+    means x is finite; `SolveStats.residual_norm` is the true ‖b − A·x‖₂, from one product."""
+
+    function: Callable[[Matvec, PyTree], PyTree]
+
+    def solve(self, matvec, b):
+        x = self.function(matvec, b)
+        residual = safe_norm(tree_sub(b, matvec(x)))
+        finite = all_finite(x)
+        return x, make_stats(-1, residual, finite, ~finite)
+
+
+def as_linear_solver(linear_solver: Any) -> AbstractLinearSolver:
+    """An implicax linear solver as is; a callable ``linear_solver(matvec, b) -> x`` wrapped."""
+    if isinstance(linear_solver, AbstractLinearSolver):
         return linear_solver
     if not callable(linear_solver):
         raise TypeError(
             "linear_solver must be an implicax linear solver (CG, GMRES, BiCGStab, Neumann, "
             f"Dense) or a callable linear_solver(matvec, b) -> x, got {linear_solver!r}."
         )
-    return _CallableLinearSolver(linear_solver)
-
-
-@dataclasses.dataclass(frozen=True)
-class _CallableLinearSolver(_LinearSolver):
-    function: Callable[[Matvec, PyTree], PyTree]
-
-    def solve(self, matvec, b):
-        x = self.function(matvec, b)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]))
-        return x, SolveStats(jnp.asarray(-1, jnp.int32), tree_norm(tree_sub(b, matvec(x))), finite)
+    return CallableLinearSolver(linear_solver)

@@ -11,8 +11,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._implicit import fixed_point_solve
-from ._linear import Neumann
+from ._krylov import Neumann
+from ._solve import fixed_point_solve
 from ._solvers import FixedPointIteration
 
 __all__ = ["two_phase_solve"]

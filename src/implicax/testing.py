@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.test_util import check_grads
 
-from ._implicit import fixed_point_solve
+from ._solve import fixed_point_solve
 
 __all__ = ["check_against_unrolled", "check_derivatives"]
 

@@ -1,0 +1,158 @@
+"""The forward-solver protocol and its one driver loop.
+
+A forward solver is an immutable configuration with two hooks over a state of its own:
+``init(problem, x0) -> state`` and ``step(problem, state) -> (state, Progress)``. The driver,
+`AbstractForwardSolver.solve`, owns everything else: the loop, step counting, ``max_steps``,
+the stopping test (`_termination`), divergence detection, mesh-axis types and `SolveStats`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._failure import SolveStats, make_stats
+from ._options import register
+from ._sharding import tree_varying_axes, while_loop
+from ._termination import Tolerances, forward_converged, start_converged
+from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One equation in both views: F(x) = 0 and x = g(x), with g(x) = x − F(x).
+
+    For `fixed_point_solve` g is the user's map and F(x) = x − g(x); for `root_solve` F is the
+    user's residual. Each method uses the view it needs without rounding the other.
+    """
+
+    function: Callable[[PyTree], PyTree]
+    fixed_point: bool
+    like: PyTree = None  # shapes and dtypes of x (`jax.ShapeDtypeStruct`s), set by the driver
+
+    def map(self, x: PyTree) -> PyTree:
+        """g(x): the fixed-point map."""
+        out = self.function(x)
+        return out if self.fixed_point else tree_sub(x, out)
+
+    def residual(self, x: PyTree) -> PyTree:
+        """F(x): zero at the solution."""
+        out = self.function(x)
+        return tree_sub(x, out) if self.fixed_point else out
+
+
+class Progress(NamedTuple):
+    """What one step of a forward solver tells the driver.
+
+    Attributes:
+        x: the solution if the solve stops now.
+        residual: F at the iterate the step evaluated (x itself, or for methods that
+            evaluate before they move, the iterate before x).
+        step: the step's full, undamped move in x's units (the stopping test of a root
+            problem uses it; damping must not loosen the test).
+        inner_failed: whether an inner solve of the step failed (Newton's linear solve).
+    """
+
+    x: PyTree
+    residual: PyTree
+    step: PyTree
+    inner_failed: Any = False
+
+
+class AbstractForwardSolver(Tolerances, abc.ABC):
+    """Base class of every forward solver, built-in or yours.
+
+    Subclass it as a frozen dataclass, add your options as fields, and write two hooks:
+
+    - ``init(problem, x0) -> state``: any pytree of arrays (e.g. a NamedTuple);
+    - ``step(problem, state) -> (state, Progress)``: one iteration.
+
+    `problem.residual(x)` is F(x) and `problem.map(x)` is g(x) = x − F(x). The inherited
+    `solve` runs the loop, stops on the common test (see ``implicax._termination``) or after
+    ``max_steps`` steps, detects NaN and inf, and returns ``(x, SolveStats)``; the failure
+    policy and the implicit derivative come from `root_solve` / `fixed_point_solve`. The
+    fields ``rtol``, ``atol`` and ``max_steps`` are the solver's pytree leaves (they may be
+    traced arrays); the other fields are static.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register(cls)
+
+    @abc.abstractmethod
+    def init(self, problem: Problem, x0: PyTree) -> Any:
+        """The state before the first step."""
+
+    @abc.abstractmethod
+    def step(self, problem: Problem, state: Any) -> tuple[Any, Progress]:
+        """One iteration: the new state and what it achieved."""
+
+    def solve(self, problem: Problem, x0: PyTree) -> tuple[PyTree, SolveStats]:
+        """Run the solver from x0; the one loop every forward solver shares."""
+        like = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), x0)
+        problem = dataclasses.replace(problem, like=like)
+        rtol, atol = self.resolve(x0, atol_default_is_rtol=True)
+        max_steps = self.step_limit()
+        dtype = real_dtype(x0)
+        if problem.fixed_point:
+            initial = jnp.zeros((), dtype)  # unused: a fixed point's test needs no start
+            converged = jnp.zeros((), jnp.bool_)
+        else:
+            initial = max_abs(problem.residual(x0)).astype(dtype)
+            converged = start_converged(initial, initial, rtol, atol)
+        carry = (
+            self.init(problem, x0),
+            x0,
+            initial,
+            converged,
+            jnp.isfinite(initial),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
+
+        def cond(carry):
+            *_, converged, finite, steps, _ = carry
+            return ~converged & finite & (steps < max_steps)
+
+        def body(carry):
+            state, *_, steps, failures = carry
+            state, progress = self.step(problem, state)
+            size = max_abs(progress.residual).astype(dtype)
+            finite = all_finite(progress.x) & jnp.isfinite(size)
+            converged = forward_converged(
+                problem.fixed_point,
+                progress.residual,
+                progress.step,
+                progress.x,
+                size,
+                initial,
+                rtol,
+                atol,
+            )
+            failures = failures + jnp.asarray(progress.inner_failed, jnp.int32)
+            return state, progress.x, size, converged & finite, finite, steps + 1, failures
+
+        axes = tree_varying_axes(x0)
+        _, x, size, converged, finite, steps, failures = while_loop(cond, body, carry, axes)
+        return x, make_stats(steps, size, converged, ~finite, failures)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallableSolver:
+    """A user's ``solver(fn, x0, params) -> x``. Its tolerance is unknown: converged means
+    that x and its residual are finite; the residual's max-abs is reported."""
+
+    function: Callable
+
+    def stats(self, problem: Problem, x: PyTree) -> SolveStats:
+        size = max_abs(problem.residual(x))
+        finite = all_finite(x) & jnp.isfinite(size)
+        return make_stats(-1, size, finite, ~finite)
+
+
+register(CallableSolver)

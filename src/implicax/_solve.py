@@ -1,0 +1,187 @@
+"""The entry points, `root_solve` and `fixed_point_solve`: check the inputs, make closed-over
+arrays explicit, and call the implicit-function rule (`_implicit`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.core
+import jax.numpy as jnp
+from jax import lax
+
+from ._failure import FailurePolicy, SolveStats, check_policy
+from ._forward import AbstractForwardSolver, CallableSolver
+from ._implicit import Spec, solve, unpack
+from ._krylov import BiCGStab
+from ._linear import AbstractLinearSolver, as_linear_solver
+from ._sharding import make_varying, varying_axes
+from ._solvers import FixedPointIteration, Newton
+from ._tree import PyTree, check_floating, check_like
+
+ForwardSolver = AbstractForwardSolver | Callable[..., Any]
+LinearSolver = AbstractLinearSolver | Callable[..., Any]
+
+
+def _closure_convert(fn, x0, params):
+    """fn as ``function(x, params, *consts)``, with every array fn closes over made an argument.
+
+    The custom_jvp rule must see closed-over arrays as inputs to differentiate with respect to
+    them. `jax.closure_convert` hoists only values that can carry a tangent: integer arrays and
+    PRNG keys closed over inside an outer `jit` would stay in the function as stale tracers and
+    leak when that `jit` is differentiated, so all constants of fn's jaxpr are hoisted here.
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(x0, params)
+    out_tree = jax.tree.structure(out_shape)
+
+    def function(x, params, *consts):
+        out = jax.core.eval_jaxpr(closed.jaxpr, list(consts), *jax.tree.leaves((x, params)))
+        return jax.tree.unflatten(out_tree, out)
+
+    return function, list(closed.consts)
+
+
+def _check_x0(x0: PyTree) -> PyTree:
+    x0 = jax.tree.map(jnp.asarray, x0)
+    if not jax.tree.leaves(x0):
+        raise ValueError("x0 must contain at least one array; got an empty pytree.")
+    check_floating(x0, "x0")
+    return x0
+
+
+def _forward_solver(entry: str, solver: Any, default: AbstractForwardSolver):
+    if solver is None:
+        return default
+    if isinstance(solver, AbstractForwardSolver):
+        return solver
+    if callable(solver):
+        return CallableSolver(solver)
+    raise TypeError(
+        f"{entry}: solver must be an implicax solver (FixedPointIteration, Anderson, Broyden, "
+        f"Newton, or a subclass of implicax.AbstractForwardSolver) or a callable "
+        f"solver(fn, x0, params) -> x, got {solver!r}."
+    )
+
+
+def _implicit_solve(
+    fn, x0, params, *, fixed_point, solver, linear_solver, on_failure, return_stats, default_solver
+):
+    entry = "fixed_point_solve" if fixed_point else "root_solve"
+    if not callable(fn):
+        raise TypeError(f"{entry}: fn must be callable as fn(x, params), got {fn!r}.")
+    solver = _forward_solver(entry, solver, default_solver)
+    linear_solver = as_linear_solver(BiCGStab() if linear_solver is None else linear_solver)
+    check_policy(on_failure)
+    x0 = _check_x0(x0)
+    out = jax.eval_shape(fn, x0, params)
+    what = "fn(x, params)" + ("" if fixed_point else " (the residual)")
+    check_like(out, x0, what, "x0")
+    # Inside shard_map, fn(x0, params) may vary over more mesh axes than x0 (per-device params,
+    # replicated x0). Give x0 the output's type up front so the loop carry keeps one type and the
+    # closure-converted fn is traced for the type it will be called with.
+    x0 = jax.tree.map(lambda a, o: make_varying(a, varying_axes(o)), x0, out)
+    function, consts = _closure_convert(fn, x0, params)
+    limits, solvers = jax.tree.flatten((solver, linear_solver))
+    spec = Spec(function, fixed_point, solvers, on_failure)
+    limits = [lax.stop_gradient(jnp.asarray(limit)) for limit in limits]
+    x, stats = solve(spec, limits, lax.stop_gradient(x0), params, consts)
+    return (x, unpack(lax.stop_gradient(stats))) if return_stats else x
+
+
+def root_solve(
+    fn: Callable[[PyTree, PyTree], PyTree],
+    x0: PyTree,
+    params: PyTree = None,
+    *,
+    solver: ForwardSolver | None = None,
+    linear_solver: LinearSolver | None = None,
+    on_failure: FailurePolicy = "warn",
+    return_stats: bool = False,
+) -> PyTree | tuple[PyTree, SolveStats]:
+    """Solve fn(x, params) = 0 for x, differentiably in params (and in arrays fn closes over).
+
+    The derivative follows from the implicit function theorem: with F = fn and x* the
+    solution, ∂F/∂x·ẋ = −∂F/∂θ·θ̇, solved by `linear_solver` without forming ∂F/∂x (reverse mode
+    solves the transposed system). It is exact at the solution whatever the forward solver did,
+    zero with respect to x0, and available to any order in forward and reverse mode.
+
+    Args:
+        fn: the residual, ``fn(x, params)``, returning a pytree with the structure, shapes and
+            dtypes of x.
+        x0: initial guess (pytree of floating arrays); the solution keeps its dtypes.
+        params: any pytree of arrays that fn depends on.
+        solver: forward solver: `Newton` (default), `Broyden`, `Anderson`,
+            `FixedPointIteration`, your subclass of `AbstractForwardSolver`, or any callable
+            ``solver(fn, x0, params) -> x`` (never differentiated, so it may be a host
+            callback). Its tolerances may be traced arrays.
+        linear_solver: for the tangent and adjoint systems: `BiCGStab` (default), `GMRES`,
+            `CG` (for symmetric positive definite ∂F/∂x), `Neumann`, `Dense`, your subclass of
+            `AbstractLinearSolver`, or any callable ``linear_solver(matvec, b) -> x`` on
+            pytrees.
+        on_failure: when a forward or linear solve does not converge: ``"warn"`` (default; a
+            RuntimeWarning from a host callback, the result is returned as is), ``"nan"`` (NaN
+            solution or derivative, per batch element under vmap), ``"raise"`` (an error from
+            inside jit; under vmap one failure fails the whole batch) or ``"ignore"``.
+        return_stats: also return the forward solve's `SolveStats`.
+
+    Returns:
+        x with fn(x, params) ≈ 0, or ``(x, stats)`` when return_stats is True.
+    """
+    return _implicit_solve(
+        fn,
+        x0,
+        params,
+        fixed_point=False,
+        solver=solver,
+        linear_solver=linear_solver,
+        on_failure=on_failure,
+        return_stats=return_stats,
+        default_solver=Newton(),
+    )
+
+
+def fixed_point_solve(
+    fn: Callable[[PyTree, PyTree], PyTree],
+    x0: PyTree,
+    params: PyTree = None,
+    *,
+    solver: ForwardSolver | None = None,
+    linear_solver: LinearSolver | None = None,
+    on_failure: FailurePolicy = "warn",
+    return_stats: bool = False,
+) -> PyTree | tuple[PyTree, SolveStats]:
+    """Solve x = fn(x, params) for x, differentiably in params (and in arrays fn closes over).
+
+    The derivative is that of the root of F(x) = x − fn(x, params):
+    (I − ∂fn/∂x)·ẋ = ∂fn/∂θ·θ̇, and in reverse mode λ(I − ∂fn/∂x) = x̄, solved by
+    `linear_solver` from the solution alone (no backpropagation through the iterations).
+
+    Args:
+        fn: the map, ``fn(x, params)``, returning a pytree like x.
+        x0: initial guess; the solution keeps its structure and dtypes.
+        params: any pytree of arrays that fn depends on.
+        solver: `FixedPointIteration` (default), `Anderson`, `Broyden`, `Newton`, your
+            subclass of `AbstractForwardSolver`, or any callable ``solver(fn, x0, params) -> x``.
+        linear_solver: `BiCGStab` (default), `GMRES`, `Neumann` (fax's two-phase adjoint
+            iteration; needs a contraction), `Dense`, `CG` (for symmetric positive definite
+            I − ∂fn/∂x), your subclass of `AbstractLinearSolver`, or any callable
+            ``linear_solver(matvec, b) -> x``.
+        on_failure: ``"warn"`` (default), ``"nan"``, ``"raise"`` or ``"ignore"``; see
+            `root_solve`.
+        return_stats: also return the forward solve's `SolveStats`.
+
+    Returns:
+        x with x ≈ fn(x, params), or ``(x, stats)`` when return_stats is True.
+    """
+    return _implicit_solve(
+        fn,
+        x0,
+        params,
+        fixed_point=True,
+        solver=solver,
+        linear_solver=linear_solver,
+        on_failure=on_failure,
+        return_stats=return_stats,
+        default_solver=FixedPointIteration(),
+    )

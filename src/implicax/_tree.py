@@ -1,0 +1,170 @@
+"""Pytree arithmetic, and reductions that decide convergence.
+
+Every reduction here is NaN-safe on every backend: XLA's CPU `max` drops NaNs from arrays of
+4096 elements or more (``jnp.max(jnp.ones(4096).at[7].set(jnp.nan))`` is 1.0), so a decision
+is never read off a bare `jnp.max`. Booleans come from `jnp.all` of elementwise comparisons,
+which are False for NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """At least float32: inner products and norms of half-precision trees.
+
+    Chosen explicitly rather than by type promotion, which is an error between floating dtypes
+    under ``jax_numpy_dtype_promotion="strict"``.
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def widest(dtypes) -> Any:
+    """The most precise of some inexact dtypes (complex if any is complex)."""
+    dtypes = [jnp.dtype(d) for d in dtypes]
+    real = max((jnp.finfo(d).dtype for d in dtypes), key=lambda d: d.itemsize)
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+        return jnp.dtype(jnp.complex64 if real.itemsize <= 4 else jnp.complex128)
+    return real
+
+
+def upcast(x: jax.Array) -> jax.Array:
+    return x.astype(accumulation_dtype(x.dtype))
+
+
+def real_dtype(tree: PyTree) -> Any:
+    """The real accumulation dtype of a tree's norms (float32 for an empty tree)."""
+    dtypes = [jnp.finfo(accumulation_dtype(leaf.dtype)).dtype for leaf in jax.tree.leaves(tree)]
+    return widest(dtypes) if dtypes else jnp.dtype(jnp.float32)
+
+
+def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
+    """⟨x, y⟩ = Σ conj(x_i)·y_i over all leaves, accumulated in at least float32."""
+    terms = [jnp.vdot(upcast(a), upcast(b)) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))]
+    dtype = widest(t.dtype for t in terms)
+    return sum((t.astype(dtype) for t in terms[1:]), terms[0].astype(dtype))
+
+
+def tree_norm(x: PyTree) -> jax.Array:
+    """‖x‖₂, for trees whose entries are O(1) (inside the linear solvers, after scaling)."""
+    return jnp.sqrt(jnp.real(tree_vdot(x, x)))
+
+
+def safe_norm(x: PyTree) -> jax.Array:
+    """‖x‖₂ without overflow or underflow: max|x|·‖x / max|x|‖₂. NaN if x holds a NaN."""
+    scale = max_abs(x)
+    safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1)
+    unit = jax.tree.map(lambda leaf: upcast(leaf) / safe.astype(upcast(leaf).dtype), x)
+    return jnp.where(jnp.isfinite(scale), safe * tree_norm(unit), scale)
+
+
+def max_abs(x: PyTree) -> jax.Array:
+    """max_i |x_i| over all leaves; NaN if any entry is NaN (0 for an empty tree)."""
+    leaves = [upcast(jnp.abs(leaf)) for leaf in jax.tree.leaves(x) if leaf.size]
+    dtype = real_dtype(x)
+    if not leaves:
+        return jnp.zeros((), dtype)
+    largest = jnp.stack([jnp.max(leaf).astype(dtype) for leaf in leaves])
+    has_nan = jnp.stack([jnp.any(jnp.isnan(leaf)) for leaf in leaves])
+    return jnp.where(jnp.any(has_nan), jnp.nan, jnp.max(largest))
+
+
+def all_finite(x: PyTree) -> jax.Array:
+    """Whether every entry of every leaf is finite (True for an empty tree)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.ones((), jnp.bool_)
+
+
+def all_within(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) -> jax.Array:
+    """Whether |error_i| ≤ atol + rtol·|scale_i| for every i; False wherever error is NaN.
+
+    A comparison, not a ratio: an exact zero passes also with atol = 0 and scale_i = 0.
+    """
+
+    def within(e, s):
+        e, s = upcast(jnp.abs(e)), upcast(jnp.abs(s))
+        return jnp.all(e <= atol.astype(e.dtype) + rtol.astype(e.dtype) * s.astype(e.dtype))
+
+    flags = [within(e, s) for e, s in zip(jax.tree.leaves(error), jax.tree.leaves(scale))]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.ones((), jnp.bool_)
+
+
+def tree_axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
+    """a·x + y, leafwise, in y's dtypes (the scalar a is cast to each leaf's dtype)."""
+    return jax.tree.map(lambda u, v: _cast(a, v) * u.astype(v.dtype) + v, x, y)
+
+
+def tree_scale(a: Any, x: PyTree) -> PyTree:
+    """a·x, leafwise, in x's dtypes."""
+    return jax.tree.map(lambda u: _cast(a, u) * u, x)
+
+
+def _cast(a: Any, like: jax.Array) -> jax.Array:
+    # Explicit, so that strict dtype promotion never sees two floating dtypes meet.
+    if not jnp.issubdtype(like.dtype, jnp.complexfloating):
+        a = jnp.real(a)
+    return jnp.asarray(a).astype(like.dtype)
+
+
+def tree_add(x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, x, y)
+
+
+def tree_sub(x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(jnp.subtract, x, y)
+
+
+def tree_zeros_like(x: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, x)
+
+
+def tree_where(condition: jax.Array, x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), x, y)
+
+
+def least_precise_dtype(tree: PyTree) -> Any:
+    """The inexact dtype with the largest machine epsilon among the leaves (float32 if none)."""
+    dtypes = [jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(tree)]
+    return max(dtypes, key=lambda d: float(jnp.finfo(d).eps), default=jnp.dtype(jnp.float32))
+
+
+def check_floating(
+    tree: PyTree, name: str, hint: str = "Cast it, e.g. .astype(jnp.float32)."
+) -> None:
+    """Raise a TypeError naming the first leaf of `tree` that is not floating point."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} must hold floating-point arrays (the solution keeps its dtype); at "
+                f"{jax.tree_util.keystr(path) or '(root)'} got {dtype}. {hint}"
+            )
+
+
+def check_like(out: PyTree, like: PyTree, out_name: str, like_name: str) -> None:
+    """Raise a TypeError naming the first difference in structure, shape or dtype."""
+    out_def, like_def = jax.tree.structure(out), jax.tree.structure(like)
+    if out_def != like_def:
+        raise TypeError(
+            f"{out_name} must have the same pytree structure as {like_name}; "
+            f"got {out_def}, expected {like_def}."
+        )
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(like)):
+        where = jax.tree_util.keystr(path) or "(root)"
+        if jnp.shape(a) != jnp.shape(b):
+            raise TypeError(
+                f"{out_name} must have the shapes of {like_name}; at {where} got shape "
+                f"{jnp.shape(a)}, expected {jnp.shape(b)}."
+            )
+        if jnp.result_type(a) != jnp.result_type(b):
+            raise TypeError(
+                f"{out_name} must have the dtypes of {like_name}; at {where} got "
+                f"{jnp.result_type(a)}, expected {jnp.result_type(b)}."
+            )
