@@ -210,23 +210,13 @@ class Broyden(AbstractForwardSolver):
         flat = _Flat(problem)
         x, fx, us, vs, count = state
 
-        # H·v = v + Σ u_i (v_i·v) and Hᵀ·v = v + Σ v_i (u_i·v), over the active slots. Each
-        # history buffer is contracted along both of its axes; as matrix products, XLA's CPU
-        # backend keeps a transposed copy of each (four vectors per slot instead of two),
-        # while these fused multiply-reduce forms read the buffers in place.
-        def contract(buffer, v):  # buffer @ v
-            return jnp.sum(buffer * v, axis=1)
-
-        def combine(c, buffer):  # c @ buffer
-            return jnp.sum(c[:, None] * buffer, axis=0)
-
-        def apply(v, count):  # H·v
+        def apply(v, count):  # H·v = v + Σ_i u_i (v_i·v), over the active slots
             active = jnp.arange(self.history, dtype=jnp.int32) < count
-            return v + combine(jnp.where(active, contract(vs, v), 0), us)
+            return v + jnp.where(active, vs @ v, 0) @ us
 
-        def apply_transpose(v, count):  # Hᵀ·v
+        def apply_transpose(v, count):  # Hᵀ·v = v + Σ_i v_i (u_i·v)
             active = jnp.arange(self.history, dtype=jnp.int32) < count
-            return v + combine(jnp.where(active, contract(us, v), 0), vs)
+            return v + jnp.where(active, us @ v, 0) @ vs
 
         direction = -apply(fx, count)
         step = self.damping * direction
@@ -239,8 +229,11 @@ class Broyden(AbstractForwardSolver):
         denominator = step @ h_df
         usable = jnp.abs(denominator) > jnp.finfo(flat.dtype).tiny ** 0.5
         u = (step - h_df) / jnp.where(usable, denominator, 1)
-        v = apply_transpose(step, count)
         us = _set_row(us, count, jnp.where(usable, u, us[count]))
+        # Hᵀ·step after writing row `count` of us, which the mask (< count) leaves out: read
+        # after the write, the old us need not be kept, so the write is in place (before it,
+        # XLA kept a copy of us: three vectors per slot instead of two).
+        v = apply_transpose(step, count)
         vs = _set_row(vs, count, jnp.where(usable, v, vs[count]))
         state = _BroydenState(x_new, f_new, us, vs, count + usable.astype(jnp.int32))
         return state, Progress(flat.unravel(x_new), flat.unravel(f_new), flat.unravel(direction))
