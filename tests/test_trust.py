@@ -497,3 +497,19 @@ def test_newton_on_a_large_poisson_problem_takes_its_quadratic_steps():
     assert bool(stats.converged)
     assert int(stats.inner_failures) == 0
     assert int(stats.steps) <= 6
+
+
+def test_a_preconditioner_from_the_differentiated_array_via_stop_gradient():
+    a = jnp.arange(1.0, 5.0)
+
+    def total(p):
+        inverse = jax.lax.stop_gradient(a * p)
+        solver = implicax.BiCGStab(preconditioner=lambda v: v / inverse)
+        return implicax.root_solve(
+            lambda x, p: a * p * x - 1.0, jnp.zeros(4), p, linear_solver=solver, on_failure="raise"
+        ).sum()
+
+    p = jnp.array([1.0, 2.0, 0.5, 1.5])
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(total)(p)), -1 / (np.asarray(a) * np.asarray(p) ** 2), rtol=1e-10
+    )

@@ -20,7 +20,7 @@ from ._failure import SolveStats, make_stats
 from ._options import register
 from ._sharding import tree_varying_axes, while_loop
 from ._termination import Tolerances, forward_converged, start_converged
-from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub
+from ._tree import PyTree, all_finite, max_abs, max_abs_or_inf, real_dtype, tree_sub
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +122,9 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
         def body(carry):
             state, *_, steps, failures = carry
             state, progress = self.step(problem, state)
-            size = max_abs(progress.residual).astype(dtype)
-            finite = all_finite(progress.x) & jnp.isfinite(size)
+            # One reduction for the size and its finiteness; x itself is checked at exit.
+            size = max_abs_or_inf(progress.residual).astype(dtype)
+            finite = jnp.isfinite(size)
             converged = forward_converged(
                 problem.fixed_point,
                 progress.residual,
@@ -139,7 +140,8 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
 
         axes = tree_varying_axes(x0)
         _, x, size, converged, finite, steps, failures = while_loop(cond, body, carry, axes)
-        return x, make_stats(steps, size, converged, ~finite, failures)
+        finite = finite & all_finite(x)
+        return x, make_stats(steps, size, converged & finite, ~finite, failures)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from ._tree import (
     tree_add,
     tree_axpy,
     tree_norm,
+    tree_scale,
     tree_sub,
     tree_vdot,
     tree_zeros_like,
@@ -95,6 +96,7 @@ class _BiCGStabState(NamedTuple):
     omega: jax.Array
     norm_r: jax.Array
     norm_shadow: jax.Array
+    spread: PyTree  # the fixed unit vector of fresh shadows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,18 +124,29 @@ class BiCGStab(AbstractIterativeLinearSolver):
         zeros = tree_zeros_like(b)
         norm_b = tree_norm(b)
         one = jnp.ones((), tree_vdot(b, b).dtype)
-        return _BiCGStabState(zeros, b, b, zeros, zeros, one, one, one, norm_b, norm_b)
+        return _BiCGStabState(zeros, b, b, zeros, zeros, one, one, one, norm_b, norm_b, _spread(b))
 
     def step(self, matvec, b, state, budget):
-        x, r, shadow, p, v, rho, alpha, omega, norm_r, norm_shadow = state
+        x, r, shadow, p, v, rho, alpha, omega, norm_r, norm_shadow, spread = state
         precondition = self.preconditioner or _identity
         rho_new = tree_vdot(shadow, r)
         tiny = jnp.finfo(norm_r.dtype).eps ** (2 / 3)
         restart = (jnp.abs(rho_new) <= tiny * norm_shadow * norm_r) | (omega == 0)
-        fresh = _fresh_shadow(r, norm_r)
-        shadow = jax.tree.map(lambda s, q: jnp.where(restart, q, s), shadow, fresh)
-        norm_shadow = jnp.where(restart, tree_norm(fresh), norm_shadow)
-        rho_new = jnp.where(restart, tree_vdot(fresh, r), rho_new)
+
+        # The fresh shadow r̂ = r + ½‖r‖·u (u a fixed unit vector spread over every entry):
+        # ⟨r̂, r⟩ = ‖r‖² + ½‖r‖⟨u, r⟩ ≥ ½‖r‖² > 0, so the new ρ cannot vanish at once, where
+        # r̂ = r alone fails again at once on a permutation (⟨r, A·r⟩ = 0).
+        # A branch, not a select: restarts are rare, and the select cost every iteration
+        # three passes over the vectors (under vmap the branch is a select again).
+        def fresh_shadow():
+            ur = jnp.real(tree_vdot(spread, r))
+            fresh_norm = jnp.sqrt(jnp.maximum(1.25 * norm_r**2 + norm_r * ur, 0))
+            rho = (norm_r**2 + 0.5 * norm_r * ur).astype(rho_new.dtype)
+            return tree_axpy(0.5 * norm_r, spread, r), fresh_norm, rho
+
+        shadow, norm_shadow, rho_new = lax.cond(
+            restart, fresh_shadow, lambda: (shadow, norm_shadow, rho_new)
+        )
         beta = jnp.where(restart, 0, (rho_new / rho) * (alpha / jnp.where(omega == 0, 1, omega)))
         p = tree_axpy(beta, tree_axpy(-omega, v, p), r)
         p_hat = precondition(p)
@@ -147,31 +160,32 @@ class BiCGStab(AbstractIterativeLinearSolver):
         t = matvec(s_hat)
         tt = jnp.real(tree_vdot(t, t))
         ts = tree_vdot(t, s)
-        # ω ≈ 0 (t ⊥ s, e.g. every step on a skew-symmetric A) is a breakdown too: ω = 0 then
-        # keeps the BiCG half-step and restarts the next iteration, instead of β ∝ 1/ω.
-        usable = alpha_usable & (jnp.abs(ts) > tiny * jnp.sqrt(tt) * tree_norm(s))
-        omega = jnp.where(usable, ts / jnp.where(usable, tt, 1), 0)
+        omega = jnp.where(tt > 0, ts / jnp.where(tt > 0, tt, 1), 0)
+        # ω ≈ 0 relative to α (t ⊥ s, e.g. every step on a skew-symmetric A) is a breakdown
+        # too: ω = 0 then keeps the BiCG half-step and restarts the next iteration, instead of
+        # β ∝ 1/ω. (Both have the units of 1/A, so the test needs no extra norm.)
+        omega = jnp.where(alpha_usable & (jnp.abs(omega) > tiny * jnp.abs(alpha)), omega, 0)
         x = tree_axpy(omega, s_hat, tree_axpy(alpha, p_hat, x))
         r = tree_axpy(-omega, t, s)
         norm_r = tree_norm(r)
-        state = _BiCGStabState(x, r, shadow, p, v, rho_new, alpha, omega, norm_r, norm_shadow)
+        state = _BiCGStabState(
+            x, r, shadow, p, v, rho_new, alpha, omega, norm_r, norm_shadow, spread
+        )
         return state, norm_r, 2
 
     def solution(self, state):
         return state.x
 
 
-def _fresh_shadow(r: PyTree, norm_r: jax.Array) -> PyTree:
-    """The shadow residual after a breakdown: r + ½‖r‖·u, u a fixed unit vector spread over
-    every entry. ⟨r̂, r⟩ ≥ ½‖r‖² > 0, so the new ρ cannot vanish at once; the shadow r̂ = r
-    alone can fail again at once (⟨r, A·r⟩ = 0 for a rotation or permutation)."""
-    leaves, treedef = jax.tree.flatten(r)
+def _spread(like: PyTree) -> PyTree:
+    """A fixed unit vector with every entry nonzero, for fresh shadow residuals."""
+    leaves, treedef = jax.tree.flatten(like)
     spread = [
         jnp.cos(1.0 + 0.7 * jnp.arange(leaf.size, dtype=leaf.dtype) + 3.1 * i).reshape(leaf.shape)
         for i, leaf in enumerate(leaves)
     ]
     u = jax.tree.unflatten(treedef, spread)
-    return tree_axpy(0.5 * norm_r / tree_norm(u), u, r)
+    return tree_scale(1 / tree_norm(u), u)
 
 
 class _GMRESState(NamedTuple):

@@ -76,6 +76,22 @@ def max_abs(x: PyTree) -> jax.Array:
     return jnp.where(jnp.any(has_nan), jnp.nan, jnp.max(largest))
 
 
+def max_abs_or_inf(x: PyTree) -> jax.Array:
+    """max_i |x_i| over all leaves, NaN if any entry is NaN, for decisions inside loops.
+
+    Two reductions that XLA vectorises: `max` (which may drop NaNs) and a sum of x·0, which is
+    0 unless an entry is NaN or inf. (A select inside the max, or a separate `isnan` pass,
+    cost a DEQ forward solve 20–50% on a CPU.)
+    """
+    dtype = real_dtype(x)
+    leaves = [upcast(leaf) for leaf in jax.tree.leaves(x) if leaf.size]
+    if not leaves:
+        return jnp.zeros((), dtype)
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves]))
+    clean = jnp.stack([jnp.sum(leaf * 0) == 0 for leaf in leaves])
+    return jnp.where(jnp.all(clean) | (largest == jnp.inf), largest, jnp.nan)
+
+
 def all_finite(x: PyTree) -> jax.Array:
     """Whether every entry of every leaf is finite (True for an empty tree)."""
     flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]
