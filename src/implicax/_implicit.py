@@ -29,20 +29,26 @@ from ._tree import PyTree, check_like, tree_scale
 class Spec:
     """Everything about a solve that is not an array: the non-differentiable argument.
 
-    The solvers' tolerances and step limits are arrays (`limits`, passed beside the spec), so
-    that they may be traced; `solvers` is the treedef that puts them back.
+    The solvers' tolerances and step limits given as arrays travel beside the spec
+    (`limits`), so that they may be traced; `solvers` puts them back with the others.
     """
 
     function: Callable  # function(x, params, *consts), closure-converted
     fixed_point: bool
-    solvers: Any  # treedef of (forward solver, linear solver)
+    solvers: Any  # (treedef, constant leaves, which leaves are traced) of the two solvers
     on_failure: FailurePolicy
+
+    def unflatten_solvers(self, limits) -> tuple[Any, Any]:
+        treedef, constants, traced = self.solvers
+        limits = iter(limits)
+        leaves = [next(limits) if t else c for c, t in zip(constants, traced)]
+        return treedef.unflatten(leaves)
 
     def problem(self, params, consts) -> Problem:
         return Problem(lambda x: self.function(x, params, *consts), self.fixed_point)
 
     def forward(self, limits, x0, params, consts) -> tuple[PyTree, SolveStats]:
-        solver, _ = self.solvers.unflatten(limits)
+        solver, _ = self.unflatten_solvers(limits)
         problem = self.problem(params, consts)
         if isinstance(solver, CallableSolver):
             x = solver.function(lambda x, p: self.function(x, p, *consts), x0, params)
@@ -51,7 +57,7 @@ class Spec:
         return solver.solve(problem, x0)
 
     def linear_solver(self, limits):
-        return self.solvers.unflatten(limits)[1]
+        return self.unflatten_solvers(limits)[1]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -82,9 +82,14 @@ def _implicit_solve(
     # closure-converted fn is traced for the type it will be called with.
     x0 = jax.tree.map(lambda a, o: make_varying(a, varying_axes(o)), x0, out)
     function, consts = _closure_convert(fn, x0, params)
-    limits, solvers = jax.tree.flatten((solver, linear_solver))
-    spec = Spec(function, fixed_point, solvers, on_failure)
-    limits = [lax.stop_gradient(jnp.asarray(limit)) for limit in limits]
+    leaves, treedef = jax.tree.flatten((solver, linear_solver))
+    # Only limits given as arrays travel as operands (traced, no recompile when they change).
+    # Python numbers stay constants of the spec: inside shard_map, a replayed jaxpr whose
+    # constants became operands would meet them with other varying-axes types.
+    traced = tuple(isinstance(leaf, jax.Array) for leaf in leaves)
+    constants = tuple(None if t else leaf for leaf, t in zip(leaves, traced))
+    spec = Spec(function, fixed_point, (treedef, constants, traced), on_failure)
+    limits = [lax.stop_gradient(leaf) for leaf, t in zip(leaves, traced) if t]
     x, stats = solve(spec, limits, lax.stop_gradient(x0), params, consts)
     return (x, unpack(lax.stop_gradient(stats))) if return_stats else x
 
