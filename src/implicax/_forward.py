@@ -20,7 +20,7 @@ from ._failure import SolveStats, make_stats
 from ._options import register
 from ._sharding import tree_varying_axes, while_loop
 from ._termination import Tolerances, forward_converged, start_converged
-from ._tree import PyTree, all_finite, max_abs, max_abs_or_inf, real_dtype, tree_sub
+from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +122,9 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
         def body(carry):
             state, *_, steps, failures = carry
             state, progress = self.step(problem, state)
-            # One reduction for the size and its finiteness; x itself is checked at exit.
-            size = max_abs_or_inf(progress.residual).astype(dtype)
+            # The size (NaN-safe) also says whether the residual is finite; x itself is
+            # checked once, at exit.
+            size = max_abs(progress.residual).astype(dtype)
             finite = jnp.isfinite(size)
             converged = forward_converged(
                 problem.fixed_point,
