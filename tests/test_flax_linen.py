@@ -289,3 +289,32 @@ def test_batchnorm_statistics_updated_once_from_equilibrium():
 def test_integer_input_needs_z0():
     with pytest.raises(TypeError, match="z0"):
         DEQ(DenseCell()).init(jax.random.key(0), jnp.ones((2, 3), jnp.int32))
+
+
+class MemoryCell(nn.Module):
+    """A state {"h", "m"} whose "m" part depends on neither the parameters nor x."""
+
+    @nn.compact
+    def __call__(self, z, x):
+        h = jnp.tanh(Inner(3)(z["h"]) + x + 0.1 * z["m"])
+        return {"h": h, "m": 0.5 * z["m"] + 1.0}
+
+
+def test_a_state_part_the_parameters_do_not_reach():
+    x, weights = random_data((2, 3)), random_data((2, 3), seed=2)
+    z0 = {"h": jnp.zeros_like(x), "m": jnp.zeros_like(x)}
+    cell = MemoryCell()
+    cell_variables = cell.init(jax.random.key(0), z0, x)
+    variables = {name: {"cell": tree} for name, tree in cell_variables.items()}
+
+    def unrolled(variables, x):
+        cell_vars = {name: tree["cell"] for name, tree in variables.items()}
+        return lax.fori_loop(0, UNROLL, lambda _, z: cell.apply(cell_vars, z, x), z0)
+
+    def loss(layer):
+        return lambda v, x: jnp.sum(weights * layer(v, x)["h"] ** 2) + jnp.sum(layer(v, x)["m"])
+
+    implicit = lambda v, x: _deq(cell).apply(v, x, z0)  # noqa: E731
+    for transform in (jax.value_and_grad, jax.jacfwd):
+        got = transform(loss(implicit), argnums=(0, 1))(variables, x)
+        assert_tree_allclose(got, transform(loss(unrolled), argnums=(0, 1))(variables, x))

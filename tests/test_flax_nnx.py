@@ -363,3 +363,33 @@ def test_batchnorm_statistics_updated_once_from_equilibrium():
 def test_integer_input_needs_z0():
     with pytest.raises(TypeError, match="z0"):
         DEQ(DenseCell())(jnp.ones((2, 3), jnp.int32))
+
+
+class MemoryCell(nnx.Module):
+    """A state {"h", "m"} whose "m" part depends on neither the parameters nor x."""
+
+    def __init__(self):
+        self.inner = Inner(3)
+
+    def __call__(self, z, x):
+        h = jnp.tanh(self.inner(z["h"]) + x + 0.1 * z["m"])
+        return {"h": h, "m": 0.5 * z["m"] + 1.0}
+
+
+def test_a_state_part_the_parameters_do_not_reach():
+    x, weights = random_data((2, 3)), random_data((2, 3), seed=2)
+    z0 = {"h": jnp.zeros_like(x), "m": jnp.zeros_like(x)}
+    params, rest, layer = _functional(MemoryCell)
+    graphdef = nnx.graphdef(DEQ(MemoryCell(), **FAST))
+
+    def unrolled(params, x):
+        cell = nnx.merge(graphdef, params, rest).cell
+        return lax.fori_loop(0, UNROLL, lambda _, z: cell(z, x), z0)
+
+    def loss(layer):
+        return lambda p, x: jnp.sum(weights * layer(p, x)["h"] ** 2) + jnp.sum(layer(p, x)["m"])
+
+    implicit = lambda p, x: layer(p, x, z0=z0)  # noqa: E731
+    for transform in (jax.value_and_grad, jax.jacfwd):
+        got = transform(loss(implicit), argnums=(0, 1))(params, x)
+        assert_tree_allclose(got, transform(loss(unrolled), argnums=(0, 1))(params, x))

@@ -281,3 +281,32 @@ def test_integer_input_needs_z0():
     model = hk.transform(lambda x: DEQ(dense_cell)(x))
     with pytest.raises(TypeError, match="z0"):
         model.init(None, jnp.ones((2, 3), jnp.int32))
+
+
+def memory_cell(z, x):
+    """A state {"h", "m"} whose "m" part depends on neither the parameters nor x."""
+    h = jnp.tanh(Inner()(z["h"]) + x + 0.1 * z["m"])
+    return {"h": h, "m": 0.5 * z["m"] + 1.0}
+
+
+def test_a_state_part_the_parameters_do_not_reach():
+    x, weights = random_data((2, 3)), random_data((2, 3), seed=2)
+    z0 = {"h": jnp.zeros_like(x), "m": jnp.zeros_like(x)}
+    model = hk.transform(lambda x: DEQ(memory_cell, **FAST)(x, z0))
+    params = model.init(None, x)
+    cell = hk.transform(memory_cell)
+    cell_params = {name.removeprefix("deq/cell/"): value for name, value in params.items()}
+
+    def unrolled(params, x):
+        cell_params = {name.removeprefix("deq/cell/"): value for name, value in params.items()}
+        return lax.fori_loop(0, UNROLL, lambda _, z: cell.apply(cell_params, None, z, x), z0)
+
+    assert set(cell_params) == set(cell.init(None, z0, x))
+
+    def loss(layer):
+        return lambda p, x: jnp.sum(weights * layer(p, x)["h"] ** 2) + jnp.sum(layer(p, x)["m"])
+
+    implicit = lambda p, x: model.apply(p, None, x)  # noqa: E731
+    for transform in (jax.value_and_grad, jax.jacfwd):
+        got = transform(loss(implicit), argnums=(0, 1))(params, x)
+        assert_tree_allclose(got, transform(loss(unrolled), argnums=(0, 1))(params, x))

@@ -19,10 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from ._failure import FailurePolicy, SolveStats, apply_failure_policy
 from ._forward import CallableSolver, Problem
-from ._tree import PyTree, check_like, tree_scale
+from ._tree import PyTree, check_like, ravel, tree_scale, tree_zeros_like
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -85,26 +86,77 @@ def unpack(packed: jax.Array) -> SolveStats:
     )
 
 
-@solve.defjvp
 def _solve_jvp(spec: Spec, primals, tangents):
     limits, x0, params, consts = primals
-    _, _, params_dot, consts_dot = tangents
     x, stats = solve(spec, limits, x0, params, consts)
+    stats_dot = jnp.zeros_like(stats)
 
-    def residual(x, params, consts):
-        return spec.problem(params, consts).residual(x)
+    # Only the inputs that carry a tangent (symbolic zeros mark the others) enter ∂F/∂θ·θ̇;
+    # undifferentiated parameters cost no derivative work.
+    inputs, inputs_def = jax.tree.flatten((params, consts))
+    inputs_dot = jax.tree.leaves(tangents[2:], is_leaf=lambda t: isinstance(t, SymbolicZero))
+    live = [i for i, t in enumerate(inputs_dot) if not isinstance(t, SymbolicZero)]
+    if not live:
+        return (x, stats), (tree_zeros_like(x), stats_dot)
 
-    # ∂F/∂θ·θ̇ (θ = params and the closed-over arrays), then solve ∂F/∂x·ẋ = −∂F/∂θ·θ̇.
-    _, rhs = jax.jvp(lambda p, c: residual(x, p, c), (params, consts), (params_dot, consts_dot))
-    _, jacobian_vector_product = jax.linearize(lambda y: residual(y, params, consts), x)
-    linear_solver = spec.linear_solver(limits)
-    x_dot = lax.custom_linear_solve(
+    def residual(y, *live_inputs):
+        full = list(inputs)
+        for i, value in zip(live, live_inputs):
+            full[i] = value
+        params, consts = jax.tree.unflatten(inputs_def, full)
+        return spec.problem(params, consts).residual(y)
+
+    # ∂F/∂θ·θ̇, then solve ∂F/∂x·ẋ = −∂F/∂θ·θ̇.
+    live_inputs = [inputs[i] for i in live]
+    _, rhs = jax.jvp(
+        lambda *live_inputs: residual(x, *live_inputs),
+        live_inputs,
+        [inputs_dot[i] for i in live],
+    )
+    _, jacobian_vector_product = jax.linearize(lambda y: residual(y, *live_inputs), x)
+    x_dot = _linear_solve(
         jacobian_vector_product,
         tree_scale(-1, rhs),
-        solve=_reporting(linear_solver, spec.on_failure, "tangent linear solve"),
-        transpose_solve=_reporting(linear_solver, spec.on_failure, "adjoint linear solve"),
+        spec.linear_solver(limits),
+        spec.on_failure,
     )
-    return (x, stats), (x_dot, jnp.zeros_like(stats))
+    return (x, stats), (x_dot, stats_dot)
+
+
+solve.defjvp(_solve_jvp, symbolic_zeros=True)
+
+
+def _linear_solve(matvec, b, linear_solver, on_failure: FailurePolicy) -> PyTree:
+    """x with matvec(x) = b, by `lax.custom_linear_solve` (which JAX transposes for reverse mode).
+
+    Its transpose rule needs every leaf of b to depend on the tangents being transposed; a
+    leaf of a pytree x whose residual does not depend on them (e.g. an unpenalised bias when
+    differentiating w.r.t. a penalty) would not. So a tree of several leaves is solved as one
+    vector, and the solver still sees the tree.
+    """
+    tangent = _reporting(linear_solver, on_failure, "tangent linear solve")
+    adjoint = _reporting(linear_solver, on_failure, "adjoint linear solve")
+    if len(jax.tree.leaves(b)) == 1:
+        return lax.custom_linear_solve(matvec, b, solve=tangent, transpose_solve=adjoint)
+    flat_b, unravel = ravel(b)
+
+    def as_vector(tree: PyTree) -> jax.Array:
+        return ravel(tree, flat_b.dtype)[0]
+
+    def on_vectors(tree_solve):
+        def solve(flat_matvec, v):
+            tree_matvec = lambda tree: unravel(flat_matvec(as_vector(tree)))  # noqa: E731
+            return as_vector(tree_solve(tree_matvec, unravel(v)))
+
+        return solve
+
+    flat_x = lax.custom_linear_solve(
+        lambda v: as_vector(matvec(unravel(v))),
+        flat_b,
+        solve=on_vectors(tangent),
+        transpose_solve=on_vectors(adjoint),
+    )
+    return unravel(flat_x)
 
 
 def _reporting(linear_solver, on_failure: FailurePolicy, what: str):

@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-from jax.flatten_util import ravel_pytree
 
 from ._failure import SolveStats, make_stats
 from ._options import check_tolerance, dynamic_field, register
@@ -37,6 +36,7 @@ from ._tree import (
     all_finite,
     least_precise_dtype,
     max_abs,
+    ravel,
     real_dtype,
     safe_norm,
     tree_add,
@@ -221,18 +221,13 @@ class Dense(AbstractLinearSolver):
         check_tolerance("Dense", "rtol", self.rtol)
 
     def solve(self, matvec, b):
-        flat_b, unravel_b = ravel_pytree(b)
-        original, dtype = flat_b.dtype, real_dtype(b)  # LU in at least float32
-
-        def unravel(v):
-            return unravel_b(v.astype(original))
-
-        flat_b = flat_b.astype(dtype)
+        dtype = real_dtype(b)  # LU in at least float32
+        flat_b, unravel = ravel(b, dtype)
         n = flat_b.size
         axes = tree_varying_axes(b, jax.eval_shape(matvec, b))
 
         def flat_matvec(v):
-            return ravel_pytree(matvec(unravel(v)))[0].astype(dtype)
+            return ravel(matvec(unravel(v)), dtype)[0]
 
         basis = make_varying(jnp.eye(n, dtype=flat_b.dtype), axes)
         matrix = jax.vmap(flat_matvec)(basis).T

@@ -8,13 +8,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.flatten_util import ravel_pytree
 
 from ._forward import AbstractForwardSolver, Problem, Progress
 from ._krylov import BiCGStab
 from ._linear import AbstractLinearSolver, as_linear_solver
 from ._options import check_fraction, check_positive_int, dynamic_field
-from ._tree import accumulation_dtype, tree_axpy, tree_scale, tree_sub
+from ._tree import accumulation_dtype, ravel, tree_axpy, tree_scale, tree_sub, widest
 
 
 class _Flat:
@@ -22,16 +21,13 @@ class _Flat:
 
     def __init__(self, problem: Problem):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), problem.like)
-        flat0, self._unravel = ravel_pytree(zeros)
-        self.size, self.original_dtype = flat0.size, flat0.dtype
-        self.dtype = accumulation_dtype(flat0.dtype)
+        self.dtype = accumulation_dtype(widest(leaf.dtype for leaf in jax.tree.leaves(zeros)))
+        flat0, self.unravel = ravel(zeros, self.dtype)
+        self.size = flat0.size
         self.problem = problem
 
-    def unravel(self, flat: jax.Array) -> Any:
-        return self._unravel(flat.astype(self.original_dtype))
-
     def ravel(self, tree: Any) -> jax.Array:
-        return ravel_pytree(tree)[0].astype(self.dtype)
+        return ravel(tree, self.dtype)[0]
 
     def map(self, flat: jax.Array) -> jax.Array:
         return self.ravel(self.problem.map(self.unravel(flat)))

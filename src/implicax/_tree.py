@@ -8,10 +8,12 @@ which are False for NaN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -129,6 +131,38 @@ def tree_sub(x: PyTree, y: PyTree) -> PyTree:
 
 def tree_zeros_like(x: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, x)
+
+
+def ravel(tree: PyTree, dtype: Any = None) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
+    """A tree's entries as one vector in `dtype` (default: the widest of its dtypes), and the
+    inverse map, which restores each leaf's shape and dtype.
+
+    The casts are explicit, so that mixed float32/float64 trees work under strict dtype
+    promotion (`jax.flatten_util.ravel_pytree` promotes implicitly).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    dtype = jnp.dtype(widest(leaf.dtype for leaf in leaves) if dtype is None else dtype)
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    splits = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1].tolist()
+    pieces = [_astype(jnp.ravel(leaf), dtype) for leaf in leaves]
+    flat = jnp.concatenate(pieces) if pieces else jnp.zeros(0, dtype)
+
+    def unravel(vector: jax.Array) -> PyTree:
+        parts = jnp.split(vector, splits) if splits else [vector]
+        return treedef.unflatten(
+            [_astype(p, d).reshape(s) for p, d, s in zip(parts, dtypes, shapes)]
+        )
+
+    return flat, unravel
+
+
+def _astype(x: jax.Array, dtype: Any) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.complexfloating) and not jnp.issubdtype(
+        dtype, jnp.complexfloating
+    ):
+        x = jnp.real(x)
+    return x.astype(dtype)
 
 
 def least_precise_dtype(tree: PyTree) -> Any:
