@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ._failure import SolveStats, make_stats
 from ._options import register
 from ._sharding import tree_varying_axes, while_loop
-from ._termination import Tolerances, forward_converged, start_converged
+from ._termination import Tolerances, forward_test, start_converged
 from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub
 
 
@@ -122,26 +122,22 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
         def body(carry):
             state, *_, steps, failures = carry
             state, progress = self.step(problem, state)
-            # The size (NaN-safe) also says whether the residual is finite; x itself is
-            # checked once, at exit.
-            size = max_abs(progress.residual).astype(dtype)
-            finite = jnp.isfinite(size)
-            converged = forward_converged(
+            converged, finite, size = forward_test(
                 problem.fixed_point,
                 progress.residual,
                 progress.step,
                 progress.x,
-                size,
                 initial,
                 rtol,
                 atol,
             )
             failures = failures + jnp.asarray(progress.inner_failed, jnp.int32)
+            size = size.astype(dtype)
             return state, progress.x, size, converged & finite, finite, steps + 1, failures
 
         axes = tree_varying_axes(x0)
         _, x, size, converged, finite, steps, failures = while_loop(cond, body, carry, axes)
-        finite = finite & all_finite(x)
+        finite = finite & all_finite(x)  # x itself is checked once, at exit
         return x, make_stats(steps, size, converged & finite, ~finite, failures)
 
 

@@ -65,8 +65,9 @@ class FixedPointIteration(AbstractForwardSolver):
         return x0
 
     def step(self, problem, x):
-        difference = tree_sub(problem.map(x), x)  # g(x) − x = −F(x)
-        x_next = tree_axpy(self.damping, difference, x)
+        gx = problem.map(x)
+        difference = tree_sub(gx, x)  # g(x) − x = −F(x)
+        x_next = gx if self.damping == 1 else tree_axpy(self.damping, difference, x)
         return x_next, Progress(x_next, difference, difference)
 
 

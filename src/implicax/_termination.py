@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ._options import check_step_limit, check_tolerance, dynamic_field
-from ._tree import PyTree, all_within, least_precise_dtype, real_dtype
+from ._tree import PyTree, all_within, least_precise_dtype, max_abs, real_dtype, within_code
 
 
 def default_tolerance(dtype: Any) -> float:
@@ -74,20 +74,20 @@ class Tolerances:
         return jnp.asarray(self.max_steps).astype(jnp.int32)
 
 
-def forward_converged(
+def forward_test(
     fixed_point: bool,
     residual: PyTree,
     step: PyTree,
     x: PyTree,
-    size: jax.Array,
     initial_size: jax.Array,
     rtol: jax.Array,
     atol: jax.Array,
-) -> jax.Array:
-    """Whether a forward solve has converged at x (never for NaN).
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(converged, finite, size): whether a forward solve has converged at x (never for NaN),
+    whether its residual is finite, and the residual's max-abs (NaN-safe).
 
-    ``residual`` is F at the iterate the solver last evaluated, ``size`` = max|residual|,
-    ``step`` the solver's last full (undamped) step, and ``initial_size`` = max|F(x0)|.
+    ``residual`` is F at the iterate the solver last evaluated, ``step`` the solver's last
+    full (undamped) step, and ``initial_size`` = max|F(x0)|.
 
     For a fixed point, F(x) = x − g(x) is itself a step, in the units of x:
     |F_i| ≤ atol + rtol·|x_i| for every i. A root's residual has units of its own (a gradient,
@@ -98,10 +98,11 @@ def forward_converged(
     residual is converged, also with atol = 0 where components of x are zero.
     """
     if fixed_point:
-        ok = all_within(residual, x, rtol, atol)
-    else:
-        ok = all_within(step, x, rtol, atol) & start_converged(size, initial_size, rtol, atol)
-    return ok | (size == 0)
+        code = within_code(residual, x, rtol, atol)  # decides convergence and finiteness
+        return code == 0, code < 2, max_abs(residual, finite=code < 2)
+    size = max_abs(residual)
+    converged = all_within(step, x, rtol, atol) & start_converged(size, initial_size, rtol, atol)
+    return converged | (size == 0), jnp.isfinite(size), size
 
 
 def start_converged(size: jax.Array, initial_size: jax.Array, rtol, atol) -> jax.Array:

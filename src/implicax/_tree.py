@@ -67,21 +67,24 @@ def safe_norm(x: PyTree) -> jax.Array:
     return jnp.where(jnp.isfinite(scale), safe * tree_norm(unit), scale)
 
 
-def max_abs(x: PyTree) -> jax.Array:
+def max_abs(x: PyTree, finite: jax.Array | None = None) -> jax.Array:
     """max_i |x_i| over all leaves; NaN if an entry is NaN and none is inf (then inf); 0 for
     an empty tree.
 
-    Two reductions that XLA vectorises: `max` (which may drop NaNs) and a sum of x·0, which is
-    0 unless an entry is NaN or inf. (A select inside the max, or a separate `isnan` pass,
-    cost a DEQ forward solve 20–50% on a CPU, where it runs every step.)
+    `finite` says whether every entry is finite, when a NaN-safe test already knows (the
+    forward loop's `within_code`); otherwise a sum of x·0 (0 unless an entry is NaN or inf)
+    tells. Both are reductions that XLA vectorises, beside the `max` (which may drop NaNs); a
+    select inside the max, or a separate `isnan` pass, cost a DEQ forward solve 20–50% on a
+    CPU, where it runs every step.
     """
     dtype = real_dtype(x)
     leaves = [upcast(leaf) for leaf in jax.tree.leaves(x) if leaf.size]
     if not leaves:
         return jnp.zeros((), dtype)
     largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves]))
-    clean = jnp.stack([jnp.sum(leaf * 0) == 0 for leaf in leaves])
-    return jnp.where(jnp.all(clean) | (largest == jnp.inf), largest, jnp.nan)
+    if finite is None:
+        finite = jnp.all(jnp.stack([jnp.sum(leaf * 0) == 0 for leaf in leaves]))
+    return jnp.where(finite | (largest == jnp.inf), largest, jnp.nan)
 
 
 def all_finite(x: PyTree) -> jax.Array:
@@ -90,18 +93,31 @@ def all_finite(x: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.ones((), jnp.bool_)
 
 
-def all_within(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) -> jax.Array:
-    """Whether |error_i| ≤ atol + rtol·|scale_i| for every i; False wherever error is NaN.
+def within_code(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) -> jax.Array:
+    """The componentwise test |error_i| ≤ atol + rtol·|scale_i| as ONE integer reduction:
+    0 if every entry passes, 1 if some fails and all of error is finite, 2 if an entry of
+    error is NaN or inf (unless its bound is inf).
 
-    A comparison, not a ratio: an exact zero passes also with atol = 0 and scale_i = 0.
+    A comparison, not a ratio: an exact zero passes also with atol = 0 and scale_i = 0. The
+    reduced values are the codes, never NaN, so no backend can drop a NaN from it, and the one
+    pass tells both convergence and divergence (a forward solve runs it every step).
     """
 
-    def within(e, s):
+    def code(e, s):
         e, s = upcast(jnp.abs(e)), upcast(jnp.abs(s))
-        return jnp.all(e <= atol.astype(e.dtype) + rtol.astype(e.dtype) * s.astype(e.dtype))
+        bound = atol.astype(e.dtype) + rtol.astype(e.dtype) * s.astype(e.dtype)
+        # Codes in e's floating dtype, whose max the backends vectorise best; none is NaN.
+        return jnp.max(jnp.where(e <= bound, 0, jnp.where(e < jnp.inf, 1, 2)).astype(e.dtype))
 
-    flags = [within(e, s) for e, s in zip(jax.tree.leaves(error), jax.tree.leaves(scale))]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.ones((), jnp.bool_)
+    codes = [code(e, s) for e, s in zip(jax.tree.leaves(error), jax.tree.leaves(scale))]
+    if not codes:
+        return jnp.zeros((), jnp.int32)
+    return jnp.max(jnp.stack([c.astype(jnp.float32) for c in codes])).astype(jnp.int32)
+
+
+def all_within(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) -> jax.Array:
+    """Whether |error_i| ≤ atol + rtol·|scale_i| for every i; False wherever error is NaN."""
+    return within_code(error, scale, rtol, atol) == 0
 
 
 def tree_axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
