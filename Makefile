@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test test-strict lint bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider tests
+
+# The derivative tests again under strict dtype promotion (no implicit float32/float64 mixing).
+test-strict: $(BIN)/.installed
+	IMPLICAX_DTYPE_PROMOTION=strict $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider \
+		tests/test_derivatives.py tests/test_robustness.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff format --check src integrations tests examples benchmarks

@@ -12,6 +12,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# `make test-strict` (in CI) runs the derivative tests as optimistix's and equinox's suites do.
+if os.environ.get("IMPLICAX_DTYPE_PROMOTION"):
+    jax.config.update("jax_numpy_dtype_promotion", os.environ["IMPLICAX_DTYPE_PROMOTION"])
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -88,7 +88,7 @@ ALL_SOLVERS = [
         ({"rtol": -1e-3}, ValueError, "rtol must be finite and >= 0"),
         ({"atol": float("nan")}, ValueError, "atol must be finite and >= 0"),
         ({"rtol": "small"}, TypeError, "rtol must be a float"),
-        ({"max_steps": 0}, ValueError, "max_steps must be >= 1"),
+        ({"max_steps": 0}, ValueError, r"max_steps must be between 1 and 2\*\*31 - 1"),
         ({"max_steps": 2.5}, TypeError, "max_steps must be an int"),
         ({"tolerance": 1e-3}, TypeError, "unexpected keyword argument 'tolerance'"),
     ],
@@ -103,7 +103,10 @@ def test_invalid_solver_options(cls, kwargs, error, match):
     [
         (lambda: implicax.Anderson(history=0), "history must be an int >= 1"),
         (lambda: implicax.Anderson(damping=1.5), r"damping must be a float in \(0, 1\]"),
-        (lambda: implicax.Anderson(regularization=-1.0), "regularization must be >= 0"),
+        (
+            lambda: implicax.Anderson(regularization=-1.0),
+            "regularization must be a finite float >= 0",
+        ),
         (lambda: implicax.Broyden(history=-2), "history must be an int >= 1"),
         (lambda: implicax.FixedPointIteration(damping=0.0), "damping must be a float"),
         (lambda: implicax.GMRES(restart=0), "restart must be an int >= 1"),
@@ -225,7 +228,7 @@ class TestTwoPhaseSolve:
 
     def test_solver_output_is_checked(self):
         with pytest.raises(TypeError, match="the solver's output must have the shapes of x0"):
-            two_phase_solve(half_tanh, jnp.zeros(2), 1.0, solvers=[lambda x, p: jnp.zeros(3)])
+            two_phase_solve(half_tanh, jnp.zeros(2), 1.0, solvers=[lambda f, x, p: jnp.zeros(3)])
 
 
 # --- implicax.testing -------------------------------------------------------------------------
@@ -419,7 +422,9 @@ class TestDEQBadInput:
             layer("non-callable")()
 
     def test_cell_output_structure(self, layer):
-        with pytest.raises(TypeError, match="same pytree structure as x0"):
+        with pytest.raises(
+            TypeError, match="DEQ: cell .* must have the same pytree structure as z"
+        ):
             layer("structure")()
 
     def test_cell_output_shape(self, layer):
@@ -449,3 +454,80 @@ class TestDEQBadInput:
     def test_bad_failure_policy(self, layer):
         with pytest.raises(ValueError, match="on_failure must be one of"):
             layer("ok", on_failure="explode")()
+
+
+# --- options a user gets wrong in practice ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"solver": implicax.Anderson},
+            r"got the class Anderson; pass an instance: solver=Anderson\(\)",
+        ),
+        ({"linear_solver": implicax.GMRES}, r"pass an instance: linear_solver=GMRES\(\)"),
+    ],
+)
+def test_a_solver_class_instead_of_an_instance(kwargs, match):
+    # Before: a class passed for a callable; GMRES failed only when differentiated.
+    with pytest.raises(TypeError, match=match):
+        implicax.fixed_point_solve(lambda x, p: 0.5 * x + p, jnp.zeros(2), 1.0, **kwargs)
+    with pytest.raises(TypeError, match=r"Newton: linear_solver .* pass an instance"):
+        implicax.Newton(linear_solver=implicax.CG)
+
+
+@pytest.mark.parametrize("steps", [2**31, 2**40])
+def test_max_steps_beyond_int32_is_rejected(steps):
+    # Before: wrapped to 0 steps with x64 on (x0 returned), OverflowError at solve time without.
+    with pytest.raises(ValueError, match=r"between 1 and 2\*\*31 - 1"):
+        implicax.FixedPointIteration(max_steps=steps)
+    implicax.FixedPointIteration(max_steps=2**31 - 1)  # the largest is fine
+
+
+def test_numpy_scalars_are_valid_options():
+    solver = implicax.Anderson(
+        damping=np.float32(0.5),
+        history=np.int64(3),
+        regularization=np.float32(0),
+        max_steps=np.int64(99),
+    )
+    assert (type(solver.damping), type(solver.history)) == (float, int)
+    gmres = implicax.GMRES(restart=np.int32(4), rtol=np.float32(1e-8))
+    x = implicax.fixed_point_solve(
+        lambda x, p: 0.5 * x + p, jnp.zeros(3), jnp.ones(3), solver=solver, linear_solver=gmres
+    )
+    np.testing.assert_allclose(x, 2.0, rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: implicax.FixedPointIteration(damping="0.5"),
+            r"damping must be a float in \(0, 1\], got '0.5'",
+        ),
+        (lambda: implicax.Anderson(history=2.0), "history must be an int >= 1, got 2.0"),
+        (lambda: implicax.Anderson(regularization="0"), "regularization must be a float >= 0"),
+        (lambda: implicax.Broyden(damping=jnp.float32(0.5)), "damping must be a float"),
+    ],
+)
+def test_options_of_the_wrong_type(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_float8_x0_is_rejected_clearly():
+    with pytest.raises(TypeError, match="8-bit .* too coarse"):
+        implicax.fixed_point_solve(lambda x, p: 0.5 * x, jnp.zeros(3, jnp.float8_e4m3fn), None)
+
+
+def test_a_callable_linear_solver_returning_x_and_info():
+    def loss(p):
+        x = implicax.fixed_point_solve(
+            lambda x, p: 0.5 * x + p, jnp.zeros(3), p, linear_solver=jax.scipy.sparse.linalg.cg
+        )
+        return jnp.sum(x)
+
+    with pytest.raises(TypeError, match=r"returns \(x, info\).*cg\(matvec, b\)\[0\]"):
+        jax.grad(loss)(1.0)

@@ -318,3 +318,16 @@ def test_a_state_part_the_parameters_do_not_reach():
     for transform in (jax.value_and_grad, jax.jacfwd):
         got = transform(loss(implicit), argnums=(0, 1))(variables, x)
         assert_tree_allclose(got, transform(loss(unrolled), argnums=(0, 1))(variables, x))
+
+
+def test_a_cell_returning_the_wrong_shape_is_named():
+    class Widening(nn.Module):
+        @nn.compact
+        def __call__(self, z, x):
+            return nn.Dense(5, param_dtype=F64)(z)
+
+    x = random_data((2, 3))
+    with pytest.raises(
+        TypeError, match=r"cell Widening must have the shapes of z.*got shape \(2, 5\).*pass z0"
+    ):
+        DEQ(Widening()).init(jax.random.key(0), x)

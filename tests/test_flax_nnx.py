@@ -393,3 +393,58 @@ def test_a_state_part_the_parameters_do_not_reach():
     for transform in (jax.value_and_grad, jax.jacfwd):
         got = transform(loss(implicit), argnums=(0, 1))(params, x)
         assert_tree_allclose(got, transform(loss(unrolled), argnums=(0, 1))(params, x))
+
+
+def test_a_cell_returning_the_wrong_shape_is_named():
+    class Widening(nnx.Module):
+        def __init__(self):
+            self.linear = _linear(3, 5)
+
+        def __call__(self, z, x):
+            return self.linear(z)
+
+    with pytest.raises(
+        TypeError, match=r"cell Widening must have the shapes of z.*got shape \(2, 5\).*pass z0"
+    ):
+        DEQ(Widening())(random_data((2, 3)))
+
+
+def test_the_first_jitted_training_steps_compile_once():
+    # Before: the stored stats started as a weak-typed NaN whose type changed after the first
+    # step, so the second step compiled the whole training step again.
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    model = Net()
+    optimizer = nnx.Optimizer(model, TX, wrt=nnx.Param)
+    x, y = random_data((8, 5)), random_data((8, 2), seed=4)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        value, grads = nnx.value_and_grad(_loss)(model, x, y)
+        optimizer.update(model, grads)
+        return value
+
+    step(model, optimizer, x, y)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        step(model, optimizer, x, y)
+        step(model, optimizer, x, y)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_the_signature_is_the_constructors():
+    import inspect
+
+    assert list(inspect.signature(DEQ).parameters) == [
+        "cell",
+        "solver",
+        "linear_solver",
+        "on_failure",
+        "store_stats",
+    ]

@@ -310,3 +310,15 @@ def test_a_state_part_the_parameters_do_not_reach():
     for transform in (jax.value_and_grad, jax.jacfwd):
         got = transform(loss(implicit), argnums=(0, 1))(params, x)
         assert_tree_allclose(got, transform(loss(unrolled), argnums=(0, 1))(params, x))
+
+
+def test_a_cell_returning_the_wrong_shape_is_named():
+    def widening(z, x):
+        return hk.Linear(5, w_init=small())(z)
+
+    x = random_data((2, 3))
+    model = hk.transform(lambda x: DEQ(widening)(x))
+    with pytest.raises(
+        TypeError, match=r"cell widening must have the shapes of z.*got shape \(2, 5\).*pass z0"
+    ):
+        model.init(None, x)

@@ -127,3 +127,272 @@ def test_undifferentiated_inputs_cost_no_derivative_work():
     assert not seen
     jax.grad(loss, argnums=0)(W, x)  # the check itself works: differentiating W forms it
     assert seen
+
+
+# --- strict dtype promotion (optimistix's and equinox's test setting) ------------------------
+
+
+@pytest.fixture
+def strict():
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
+STRICT_SOLVERS = {
+    "FixedPointIteration": (implicax.FixedPointIteration(max_steps=400), implicax.BiCGStab()),
+    "Anderson": (implicax.Anderson(), implicax.GMRES()),
+    "Broyden": (implicax.Broyden(), implicax.CG()),
+    "Newton": (implicax.Newton(), implicax.Dense()),
+    "Neumann": (implicax.FixedPointIteration(max_steps=400), implicax.Neumann()),
+}
+
+
+def _affine(v, p):
+    """v = ½·v + p, leafwise in each leaf's dtype: v* = 2p, ∂v*/∂p = 2."""
+    return jax.tree.map(lambda a, b: 0.5 * a + b, v, p)
+
+
+@pytest.mark.parametrize("name", list(STRICT_SOLVERS))
+@pytest.mark.parametrize(
+    "dtypes", [("float32",), ("float64",), ("bfloat16",), ("float32", "float64", "bfloat16")]
+)
+def test_strict_promotion(strict, name, dtypes):
+    solver, linear_solver = STRICT_SOLVERS[name]
+    p = {f"leaf{i}": jnp.full((3,), 0.25 * (i + 1), d) for i, d in enumerate(dtypes)}
+    v0 = jax.tree.map(jnp.zeros_like, p)
+
+    def loss(p):
+        v = implicax.fixed_point_solve(_affine, v0, p, solver=solver, linear_solver=linear_solver)
+        return sum(jnp.sum(leaf.astype(jnp.float64)) for leaf in jax.tree.leaves(v))
+
+    # bfloat16 sets the default tolerance (eps**(2/3) = 0.04 on the step): a few percent.
+    rtol = 0.1 if "bfloat16" in dtypes else 1e-4
+    for leaf, dtype in zip(jax.tree.leaves(v0), dtypes):
+        assert leaf.dtype == jnp.dtype(dtype)
+    expected = sum(6 * 0.25 * (i + 1) for i in range(len(dtypes)))
+    np.testing.assert_allclose(loss(p), expected, rtol=rtol)
+    for g in jax.tree.leaves(jax.grad(loss)(p)):
+        np.testing.assert_allclose(g.astype(jnp.float64), 2.0, rtol=rtol)
+    tangent = jax.tree.map(jnp.ones_like, p)
+    np.testing.assert_allclose(jax.jvp(loss, (p,), (tangent,))[1], 2.0 * 3 * len(dtypes), rtol=rtol)
+
+
+def test_strict_promotion_root_solve_float64(strict):
+    # Before: TypePromotionError from jnp.promote_types(dtype, jnp.float32) in every float64 solve.
+    f = lambda x, c: x**2 - c  # noqa: E731
+    x = implicax.root_solve(f, jnp.float64(1.0), jnp.float64(2.0))
+    np.testing.assert_allclose(x, np.sqrt(2.0), rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.hessian(lambda c: implicax.root_solve(f, jnp.float64(1.0), c))(jnp.float64(2.0)),
+        -0.25 * 2.0**-1.5,
+        rtol=1e-9,
+    )
+
+
+# --- eager calls: no recompilation, and no stale values ----------------------------------------
+
+
+@pytest.fixture
+def compilations():
+    """A list that grows by one per XLA compilation while the test runs."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _sine_map(x, p):
+    return 0.5 * jnp.sin(x) + p
+
+
+def _square_root(x, c):
+    return x**2 - c
+
+
+EAGER = {
+    "fixed_point_solve": lambda: implicax.fixed_point_solve(_sine_map, jnp.zeros(3), jnp.ones(3)),
+    "root_solve": lambda: implicax.root_solve(_square_root, jnp.ones(()), jnp.float64(2.0)),
+    "grad": lambda: jax.grad(lambda c: implicax.root_solve(_square_root, jnp.ones(()), c))(2.0),
+    "hessian": lambda: jax.hessian(lambda c: implicax.root_solve(_square_root, jnp.ones(()), c))(
+        2.0
+    ),
+    "vmap": lambda: jax.vmap(lambda p: implicax.fixed_point_solve(_sine_map, jnp.zeros(3), p))(
+        jnp.ones((2, 3))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EAGER))
+def test_repeated_eager_calls_do_not_recompile(compilations, name):
+    # Before: every call compiled its loops again (0.1 s to 5 s per call).
+    first = EAGER[name]()
+    assert compilations, "the first call compiles"
+    del compilations[:]
+    again = EAGER[name]()
+    assert compilations == []
+    np.testing.assert_array_equal(again, first)
+
+
+def test_eager_calls_see_changed_globals_and_closed_over_arrays():
+    # Before: jax.make_jaxpr cached fn's trace by identity, so later calls silently used the
+    # values of the first (x = 2.2 three times).
+    values = {"shift": 0.1, "scale": jnp.ones(3)}
+    fn = lambda x, p: 0.5 * x + values["shift"] + values["scale"] * p  # noqa: E731
+    solve = lambda: implicax.fixed_point_solve(fn, jnp.zeros(3), 1.0)  # noqa: E731
+    np.testing.assert_allclose(solve(), 2.2, rtol=1e-9)
+    values["shift"] = 0.2
+    np.testing.assert_allclose(solve(), 2.4, rtol=1e-9)
+    values["scale"] = 2 * jnp.ones(3)
+    np.testing.assert_allclose(solve(), 4.4, rtol=1e-9)
+
+
+def test_a_callable_solver_reading_a_changed_global_is_retraced():
+    steps = {"n": 1}
+
+    def few_steps(f, x0, p):
+        return jax.lax.fori_loop(0, steps["n"], lambda _, x: f(x, p), x0)
+
+    fn = lambda x, p: 0.5 * x + p  # noqa: E731
+    solve = lambda: implicax.fixed_point_solve(  # noqa: E731
+        fn, jnp.zeros(()), 1.0, solver=few_steps, on_failure="ignore"
+    )
+    np.testing.assert_allclose(solve(), 1.0)
+    steps["n"] = 2
+    np.testing.assert_allclose(solve(), 1.5)
+
+
+@pytest.mark.parametrize("solver", [implicax.FixedPointIteration(), implicax.Anderson()])
+def test_a_forward_call_traces_fn_once(solver):
+    traces = []
+
+    def fn(x, p):
+        traces.append(None)
+        return 0.5 * x + p
+
+    implicax.fixed_point_solve(fn, jnp.zeros(3), jnp.ones(3), solver=solver)
+    assert len(traces) == 1
+
+
+def test_the_documented_error_bound_of_a_slow_contraction():
+    # docs/failures.md: the error can be rho / (1 - rho) times the last step, converged or not.
+    rho = 0.9999
+    solver = implicax.FixedPointIteration(max_steps=100_000)
+    x, stats = implicax.fixed_point_solve(
+        lambda x, p: rho * x + p,
+        jnp.float32(0),
+        jnp.float32(1 - rho),
+        solver=solver,
+        return_stats=True,
+    )
+    assert bool(stats.converged) and abs(float(x) - 1.0) > 0.3  # converged, yet far off
+    assert abs(float(x) - 1.0) <= rho / (1 - rho) * float(stats.residual_norm) * 1.1
+
+
+# --- reports a user can act on ---------------------------------------------------------------
+
+
+def _diverging(x, p):
+    return 2 * x + p
+
+
+def test_a_warning_points_at_the_call_of_the_solve():
+    # Before: every warning pointed at implicax's own source line.
+    with pytest.warns(RuntimeWarning, match="forward solve did not converge") as record:
+        implicax.fixed_point_solve(_diverging, jnp.zeros(2), 1.0)
+    assert record[0].filename == __file__
+    line = record[0].lineno
+    with open(__file__) as source:
+        assert "implicax.fixed_point_solve(_diverging" in source.read().splitlines()[line - 1]
+
+
+def test_raise_outside_jit_is_a_solve_error_naming_the_call(caplog):
+    # Before: jax.errors.JaxRuntimeError "INTERNAL: CpuCallback error ..." and a logged traceback.
+    with pytest.raises(implicax.SolveError, match=r"forward solve did not converge.*test_robust"):
+        implicax.fixed_point_solve(_diverging, jnp.zeros(2), 1.0, on_failure="raise")
+    assert not [r for r in caplog.records if r.name == "jax._src.callback"]
+
+
+def test_raise_inside_jit_carries_the_message():
+    solve = jax.jit(
+        lambda p: implicax.fixed_point_solve(_diverging, jnp.zeros(2), p, on_failure="raise")
+    )
+    with pytest.raises(jax.errors.JaxRuntimeError, match="SolveError: implicax: the forward solve"):
+        jax.block_until_ready(solve(1.0))
+
+
+# --- fax's solver contracts (implicax.compat) ---------------------------------------------------
+
+pytestmark_fax = pytest.mark.filterwarnings("ignore:implicax.compat.* is deprecated")
+
+
+def _fax_iterate(param_func, x0, params, steps=400):
+    """A fax-style solver: iterate param_func(params) from x0."""
+    step = param_func(params)
+    return jax.lax.fori_loop(0, steps, lambda _, x: step(x), x0)
+
+
+def _newton_sqrt(target):
+    return lambda x: x - (x**2 - target) / (2 * x)  # fixed point sqrt(target)
+
+
+@pytestmark_fax
+def test_compat_two_phase_solve_calls_fax_solvers_with_three_arguments():
+    from implicax.compat import two_phase_solve
+
+    calls = []
+
+    def forward(param_func, x0, params):
+        calls.append("forward")
+        return _fax_iterate(param_func, x0, params, steps=30)
+
+    def backward(param_func, x0, params):
+        calls.append("backward")
+        return _fax_iterate(param_func, x0, params)
+
+    target = jnp.array([0.3, 2.0, 7.0])
+    solve = lambda t, solvers: two_phase_solve(_newton_sqrt, jnp.ones(3), t, solvers)  # noqa: E731
+    np.testing.assert_allclose(solve(target, [forward]), np.sqrt(target), rtol=1e-12)
+    assert calls == ["forward"]
+    # None is the default solver; the second entry solves the derivative's fixed point.
+    grad = jax.grad(lambda t: jnp.sum(solve(t, [None, backward])))(target)
+    np.testing.assert_allclose(grad, 0.5 / np.sqrt(target), rtol=1e-10)
+    assert calls[0] == "forward" and set(calls[1:]) == {"backward"}
+
+
+@pytestmark_fax
+def test_compat_two_phase_solve_second_order_under_vmap():
+    from implicax.compat import two_phase_solve
+
+    def damped_sqrt(target):
+        return lambda x: x + 0.1 * (target - x**2)
+
+    solve = lambda t: two_phase_solve(damped_sqrt, t, t)  # noqa: E731
+    t = jnp.array([0.2, 0.8, 3.0, 6.0])
+    np.testing.assert_allclose(jax.vmap(jax.grad(jax.grad(solve)))(t), -0.25 * t**-1.5, rtol=1e-7)
+    np.testing.assert_allclose(jax.vmap(jax.jacfwd(solve))(t), 0.5 * t**-0.5, rtol=1e-8)
+
+
+@pytestmark_fax
+def test_compat_root_solve_with_a_tuple_returning_rev_solver():
+    from implicax.compat import root_solve
+
+    func = lambda x, c: x**3 - c  # noqa: E731
+
+    def solver(x0, c):
+        return _fax_iterate(lambda c: lambda x: x - (x**3 - c) / (3 * x**2), x0, c, steps=60)
+
+    def solve(c, rev_solver=None):
+        return root_solve(func, jnp.ones(2), c, solver, rev_solver)
+
+    c = jnp.array([2.0, 9.0])
+    np.testing.assert_allclose(solve(c), np.cbrt(c), rtol=1e-12)
+    for rev_solver in (None, jax.scipy.sparse.linalg.gmres):
+        g = jax.grad(lambda c, r=rev_solver: jnp.sum(solve(c, r)))(c)
+        np.testing.assert_allclose(g, c ** (-2 / 3) / 3, rtol=1e-9)
+    hess = jax.jacfwd(jax.grad(lambda c: jnp.sum(solve(c))))(c)
+    np.testing.assert_allclose(np.diag(hess), -2 / 9 * c ** (-5 / 3), rtol=1e-8)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["deq_initial_state"]
+__all__ = ["deq_initial_state", "naming_the_cell"]
 
 
 def deq_initial_state(x: Any, z0: Any | None) -> Any:
@@ -21,6 +23,24 @@ def deq_initial_state(x: Any, z0: Any | None) -> Any:
         return jax.tree.map(jnp.zeros_like, x)
     _check_floating(z0, "DEQ: z0", "Cast it, e.g. .astype(jnp.float32).")
     return z0
+
+
+@contextlib.contextmanager
+def naming_the_cell(cell: Any) -> Iterator[None]:
+    """Re-raise the solve's "fn(x, params) must ..." TypeError as one about the DEQ's cell
+    and its state z (the solve names fn and x0, which the user did not write)."""
+    try:
+        yield
+    except TypeError as error:
+        if "fn(x, params) must" not in str(error):
+            raise
+        name = getattr(cell, "__name__", None) or type(cell).__name__
+        detail = str(error).split("fn(x, params) must", 1)[1].replace("x0", "z")
+        raise TypeError(
+            f"DEQ: cell {name} must{detail} A DEQ iterates z = cell(z, x), so the cell must "
+            "return a state like z; z0=None starts from zeros like x: pass z0 when the "
+            "state's shape differs from x's."
+        ) from None
 
 
 def _check_floating(tree: Any, name: str, hint: str) -> None:

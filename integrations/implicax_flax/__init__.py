@@ -26,7 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from implicax_adapters import deq_initial_state
+from implicax_adapters import deq_initial_state, naming_the_cell
 
 import implicax
 from implicax import FailurePolicy
@@ -123,15 +123,16 @@ class DEQ(nn.Module):
             return out if mutable is False else out[0]  # drop an iterate's collection updates
 
         arrays = (variables, rngs, x)
-        z, stats = implicax.fixed_point_solve(
-            fn,
-            z0,
-            arrays,
-            solver=self.solver,
-            linear_solver=self.linear_solver,
-            on_failure=self.on_failure,
-            return_stats=True,
-        )
+        with naming_the_cell(self.cell):
+            z, stats = implicax.fixed_point_solve(
+                fn,
+                z0,
+                arrays,
+                solver=self.solver,
+                linear_solver=self.linear_solver,
+                on_failure=self.on_failure,
+                return_stats=True,
+            )
         if mutable is not False and _writes_state(jax.eval_shape(apply, z0, arrays)[1]):
             self.cell(z, x)  # record collection updates once, from the equilibrium
         self.sow("intermediates", "solve_stats", stats)

@@ -21,13 +21,14 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.errors import TraceContextError
-from implicax_adapters import deq_initial_state
+from implicax_adapters import deq_initial_state, naming_the_cell
 
 import implicax
 from implicax import FailurePolicy
@@ -35,6 +36,11 @@ from implicax import FailurePolicy
 __all__ = ["DEQ", "SolveStatsVariable"]
 
 PyTree = Any
+
+
+def _stats_float() -> Any:
+    """The stored residual_norm's dtype: the default float (float64 with x64 on), not weak."""
+    return jnp.empty(()).dtype
 
 
 class SolveStatsVariable(nnx.Variable):
@@ -107,7 +113,7 @@ class DEQ(nnx.Module):
         self.stats = SolveStatsVariable(
             implicax.SolveStats(
                 steps=jnp.zeros((), jnp.int32),
-                residual_norm=jnp.full((), jnp.nan),  # the default float dtype
+                residual_norm=jnp.full((), jnp.nan, _stats_float()),
                 converged=jnp.zeros((), jnp.bool_),
                 diverged=jnp.zeros((), jnp.bool_),
                 inner_failures=jnp.zeros((), jnp.int32),
@@ -137,20 +143,29 @@ class DEQ(nnx.Module):
             # copy=True: fresh Variables, so the iterate's state updates stay local to it.
             return nnx.merge(graphdef, params, rest, copy=True)(z, x)
 
-        z, stats = implicax.fixed_point_solve(
-            fn,
-            z0,
-            (params, rest, x),
-            solver=self.solver,
-            linear_solver=self.linear_solver,
-            on_failure=self.on_failure,
-            return_stats=True,
-        )
+        with naming_the_cell(self.cell):
+            z, stats = implicax.fixed_point_solve(
+                fn,
+                z0,
+                (params, rest, x),
+                solver=self.solver,
+                linear_solver=self.linear_solver,
+                on_failure=self.on_failure,
+                return_stats=True,
+            )
         if jax.tree.leaves(rest):
             self.cell(z, x)  # advance the random streams, update running statistics at z*
         if self.store_stats:
             try:
-                self.stats.set_value(stats)
+                # One dtype whatever the solve's: a changing variable type would make the
+                # first nnx.jit step compile twice.
+                stored = stats._replace(residual_norm=stats.residual_norm.astype(_stats_float()))
+                self.stats.set_value(stored)
             except TraceContextError:
                 pass  # merged outside the transformation it is called in: see the docstring
         return (z, stats) if return_stats else z
+
+
+# NNX's module metaclass hides the constructor's signature behind (*args, **kwargs).
+_parameters = list(inspect.signature(DEQ.__init__).parameters.values())[1:]  # without self
+DEQ.__signature__ = inspect.Signature(_parameters)  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from typing import Any
 
 import haiku as hk
 import jax
-from implicax_adapters import deq_initial_state
+from implicax_adapters import deq_initial_state, naming_the_cell
 
 import implicax
 from implicax import FailurePolicy
@@ -119,15 +119,16 @@ class DEQ(hk.Module):
             params, state, rng, x = arrays
             return cell.apply(params, state, rng, z, x)[0]  # the iterate's state is dropped
 
-        z, stats = implicax.fixed_point_solve(
-            fn,
-            z0,
-            (params, state, rng, x),
-            solver=self.solver,
-            linear_solver=self.linear_solver,
-            on_failure=self.on_failure,
-            return_stats=True,
-        )
+        with naming_the_cell(self.cell):
+            z, stats = implicax.fixed_point_solve(
+                fn,
+                z0,
+                (params, state, rng, x),
+                solver=self.solver,
+                linear_solver=self.linear_solver,
+                on_failure=self.on_failure,
+                return_stats=True,
+            )
         if jax.tree.leaves(state):
             updater.update(cell.apply(params, state, rng, z, x)[1])  # state set at z*
         else:

@@ -1,6 +1,7 @@
 """implicax: differentiate through root and fixed-point solves by the implicit function theorem."""
 
 from ._failure import FailurePolicy as FailurePolicy
+from ._failure import SolveError as SolveError
 from ._failure import SolveStats as SolveStats
 from ._forward import AbstractForwardSolver as AbstractForwardSolver
 from ._forward import Problem as Problem
@@ -39,6 +40,7 @@ __all__ = [
     "Newton",
     "Problem",
     "Progress",
+    "SolveError",
     "SolveStats",
     "fixed_point_solve",
     "root_solve",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
 import warnings
 from typing import Any, Literal, NamedTuple
 
@@ -14,9 +17,39 @@ from ._tree import PyTree
 
 FailurePolicy = Literal["warn", "nan", "raise", "ignore"]
 FailurePolicy.__doc__ = """What `on_failure` does when a forward or linear solve does not converge: "warn"
-(a RuntimeWarning, the result as is), "nan" (NaN in place of the failed result), "raise" (an
-error from inside jit) or "ignore" (see `SolveStats`)."""
+(a RuntimeWarning, the result as is), "nan" (NaN in place of the failed result), "raise"
+(`SolveError`; inside jit, an error that carries its message) or "ignore" (see
+`SolveStats`)."""
 FAILURE_POLICIES = ("warn", "nan", "raise", "ignore")
+
+
+class SolveError(RuntimeError):
+    """A solve failed under ``on_failure="raise"``; the message names the solve (forward,
+    tangent or adjoint), its steps and residual, and where it was called.
+
+    It is raised as itself by a forward solve called outside `jax.jit` (with concrete
+    arguments). Inside a jitted function, and for the linear solves of derivatives, XLA
+    reports errors of a running computation as `jax.errors.JaxRuntimeError`, whose message
+    then contains this one.
+    """
+
+
+class _QuietSolveErrors(logging.Filter):
+    # JAX logs the traceback of an exception raised in a host callback before re-raising it
+    # as a JaxRuntimeError; a SolveError is an expected report, raised again to the caller.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], SolveError))
+
+
+logging.getLogger("jax._src.callback").addFilter(_QuietSolveErrors())
+_MESSAGE = re.compile(r"(implicax: the .*?; see SolveStats for details\.)", re.S)
+
+
+def reraise_solve_error(error: Exception) -> None:
+    """Raise the SolveError that a JaxRuntimeError carries, if it carries one."""
+    found = _MESSAGE.search(str(error))
+    if found:
+        raise SolveError(found.group(1)) from None
 
 
 class SolveStats(NamedTuple):
@@ -60,10 +93,10 @@ def check_policy(on_failure: Any) -> None:
 
 
 def apply_failure_policy(
-    x: PyTree, stats: SolveStats, on_failure: FailurePolicy, what: str
+    x: PyTree, stats: SolveStats, on_failure: FailurePolicy, what: str, site: Any
 ) -> tuple[PyTree, SolveStats]:
     """Report a failed solve as the policy says; return (x, stats), with NaNs in place of x
-    for 'nan'.
+    for 'nan'. `site` is the user's call, from `call_site`.
 
     'warn' and 'raise' run a host callback with the converged flag; under `jax.vmap` the
     callback sees the whole batch at once and reports how many elements failed. The report
@@ -77,6 +110,8 @@ def apply_failure_policy(
         )
         return nan_x, stats
     message = f"implicax: the {what} did not converge"
+    filename, lineno, module_globals = site
+    where = f" (solve called at {filename}:{lineno})"
 
     def report(converged, diverged, steps, residual):
         converged = np.asarray(converged)
@@ -90,15 +125,41 @@ def apply_failure_policy(
                 f"{float(np.max(residual)):.3g}){reason}"
             )
             if on_failure == "raise":
-                raise RuntimeError(detail + "; see SolveStats for details.")
-            warnings.warn(
-                detail + "; pass on_failure='ignore' to silence.", RuntimeWarning, stacklevel=1
+                raise SolveError(detail + where + "; see SolveStats for details.")
+            # Attributed to the user's call, deduplicated there like any warning of theirs.
+            warnings.warn_explicit(
+                detail + "; pass on_failure='ignore' to silence.",
+                RuntimeWarning,
+                filename,
+                lineno,
+                module=module_globals.get("__name__"),
+                registry=module_globals.setdefault("__warningregistry__", {}),
             )
         return np.ones((), np.bool_)
 
     return _report_if_failed(
         report, (x, stats), stats.converged, stats.diverged, stats.steps, stats.residual_norm
     )
+
+
+# Modules whose frames are not the user's call site: this library, its adapters, JAX and the
+# frameworks the adapters run in.
+_LIBRARIES = frozenset(
+    {"implicax", "implicax_flax", "implicax_haiku", "implicax_adapters", "jax", "jaxlib"}
+    | {"flax", "haiku", "equinox", "contextlib", "functools"}
+)
+
+
+def call_site() -> tuple[str, int, dict]:
+    """(file, line, module globals) of the innermost frame outside `_LIBRARIES`: where the
+    user called the solve (the callback that reports runs later, from XLA, with no such
+    frame)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] not in _LIBRARIES:
+            return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
+        frame = frame.f_back
+    return "<unknown>", 0, {}
 
 
 def _report_if_failed(report, tree: PyTree, converged: jax.Array, *args: jax.Array) -> PyTree:

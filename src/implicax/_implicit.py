@@ -23,7 +23,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from ._failure import FailurePolicy, SolveStats, apply_failure_policy
 from ._forward import CallableSolver, Problem
-from ._tree import PyTree, check_like, ravel, tree_scale, tree_zeros_like
+from ._tree import PyTree, check_like, ravel, tree_scale
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -38,6 +38,7 @@ class Spec:
     fixed_point: bool
     solvers: Any  # (treedef, constant leaves, which leaves are traced) of the two solvers
     on_failure: FailurePolicy
+    site: Any  # the user's call (file, line, module globals), named in reports
 
     def unflatten_solvers(self, limits) -> tuple[Any, Any]:
         treedef, constants, traced = self.solvers
@@ -64,7 +65,7 @@ class Spec:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def solve(spec: Spec, limits, x0, params, consts):
     x, stats = spec.forward(limits, x0, params, consts)
-    x, stats = apply_failure_policy(x, stats, spec.on_failure, "forward solve")
+    x, stats = apply_failure_policy(x, stats, spec.on_failure, "forward solve", spec.site)
     return x, _pack(stats)
 
 
@@ -96,8 +97,6 @@ def _solve_jvp(spec: Spec, primals, tangents):
     inputs, inputs_def = jax.tree.flatten((params, consts))
     inputs_dot = jax.tree.leaves(tangents[2:], is_leaf=lambda t: isinstance(t, SymbolicZero))
     live = [i for i, t in enumerate(inputs_dot) if not isinstance(t, SymbolicZero)]
-    if not live:
-        return (x, stats), (tree_zeros_like(x), stats_dot)
 
     def residual(y, *live_inputs):
         full = list(inputs)
@@ -118,7 +117,7 @@ def _solve_jvp(spec: Spec, primals, tangents):
         jacobian_vector_product,
         tree_scale(-1, rhs),
         spec.linear_solver(limits),
-        spec.on_failure,
+        functools.partial(apply_failure_policy, on_failure=spec.on_failure, site=spec.site),
     )
     return (x, stats), (x_dot, stats_dot)
 
@@ -126,16 +125,19 @@ def _solve_jvp(spec: Spec, primals, tangents):
 solve.defjvp(_solve_jvp, symbolic_zeros=True)
 
 
-def _linear_solve(matvec, b, linear_solver, on_failure: FailurePolicy) -> PyTree:
-    """x with matvec(x) = b, by `lax.custom_linear_solve` (which JAX transposes for reverse mode).
+def _linear_solve(matvec, b, linear_solver, report: Callable) -> PyTree:
+    """x with matvec(x) = b, by `lax.custom_linear_solve` (which JAX transposes for reverse
+    mode), each solve reported as the failure policy says.
 
     Its transpose rule needs every leaf of b to depend on the tangents being transposed; a
-    leaf of a pytree x whose residual does not depend on them (e.g. an unpenalised bias when
-    differentiating w.r.t. a penalty) would not. So a tree of several leaves is solved as one
-    vector, and the solver still sees the tree.
+    leaf of a pytree x whose residual does not depend on them (an unpenalised bias, one of
+    two hyperparameters, part of a DEQ state) would not, and JAX would fail with a bare
+    AssertionError. So a tree of several leaves is solved as one vector (the solver still
+    sees the tree). Tying each leaf to the others by an exact zero is not enough: JAX's own
+    derivative of a linear solve, at the next order, builds a new one on the same tree.
     """
-    tangent = _reporting(linear_solver, on_failure, "tangent linear solve")
-    adjoint = _reporting(linear_solver, on_failure, "adjoint linear solve")
+    tangent = _reporting(linear_solver, report, "tangent linear solve")
+    adjoint = _reporting(linear_solver, report, "adjoint linear solve")
     if len(jax.tree.leaves(b)) == 1:
         return lax.custom_linear_solve(matvec, b, solve=tangent, transpose_solve=adjoint)
     flat_b, unravel = ravel(b)
@@ -159,9 +161,9 @@ def _linear_solve(matvec, b, linear_solver, on_failure: FailurePolicy) -> PyTree
     return unravel(flat_x)
 
 
-def _reporting(linear_solver, on_failure: FailurePolicy, what: str):
+def _reporting(linear_solver, report: Callable, what: str):
     def solve(matvec, b):
         x, stats = linear_solver.solve(matvec, b)
-        return apply_failure_policy(x, stats, on_failure, what)[0]
+        return report(x, stats, what=what)[0]
 
     return solve

@@ -16,7 +16,7 @@ import jax.scipy.linalg as jsl
 from jax import lax
 
 from ._linear import AbstractIterativeLinearSolver
-from ._options import check_callable, check_positive_int
+from ._options import check_callable, check_positive_int, set_checked
 from ._sharding import tree_varying_axes, while_loop
 from ._tree import (
     PyTree,
@@ -216,7 +216,7 @@ class GMRES(AbstractIterativeLinearSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive_int("GMRES", "restart", self.restart)
+        set_checked(self, "restart", check_positive_int("GMRES", "restart", self.restart))
         check_callable("GMRES", "preconditioner", self.preconditioner, _PRECONDITIONER)
 
     def init(self, matvec, b):

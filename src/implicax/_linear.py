@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from ._failure import SolveStats, make_stats
-from ._options import check_tolerance, dynamic_field, register
+from ._options import check_instance, check_tolerance, dynamic_field, register, set_checked
 from ._sharding import make_varying, tree_varying_axes, while_loop
 from ._termination import Tolerances, linear_threshold
 from ._tree import (
     PyTree,
     all_finite,
+    check_like,
     least_precise_dtype,
     max_abs,
     ravel,
@@ -218,7 +219,7 @@ class Dense(AbstractLinearSolver):
     rtol: Any = dynamic_field(None)
 
     def __post_init__(self):
-        check_tolerance("Dense", "rtol", self.rtol)
+        set_checked(self, "rtol", check_tolerance("Dense", "rtol", self.rtol))
 
     def solve(self, matvec, b):
         dtype = real_dtype(b)  # LU in at least float32
@@ -256,15 +257,28 @@ class CallableLinearSolver(AbstractLinearSolver):
 
     def solve(self, matvec, b):
         x = self.function(matvec, b)
+        if jax.tree.structure(x) != jax.tree.structure(b):
+            hint = (
+                " A callable that returns (x, info), like jax.scipy.sparse.linalg.cg, must be "
+                "wrapped: lambda matvec, b: cg(matvec, b)[0]."
+                if isinstance(x, tuple) and len(x) == 2
+                else ""
+            )
+            raise TypeError(
+                "linear_solver(matvec, b) must return x with the structure of b; got "
+                f"{jax.tree.structure(x)}, expected {jax.tree.structure(b)}.{hint}"
+            )
+        check_like(x, b, "linear_solver(matvec, b)", "b")
         residual = safe_norm(tree_sub(b, matvec(x)))
         finite = all_finite(x)
         return x, make_stats(-1, residual, finite, ~finite)
 
 
-def as_linear_solver(linear_solver: Any) -> AbstractLinearSolver:
+def as_linear_solver(linear_solver: Any, owner: str = "linear_solver") -> AbstractLinearSolver:
     """An implicax linear solver as is; a callable ``linear_solver(matvec, b) -> x`` wrapped."""
     if isinstance(linear_solver, AbstractLinearSolver):
         return linear_solver
+    check_instance(owner, "linear_solver", linear_solver)
     if not callable(linear_solver):
         raise TypeError(
             "linear_solver must be an implicax linear solver (CG, GMRES, BiCGStab, Neumann, "

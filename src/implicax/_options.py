@@ -9,6 +9,7 @@ linear solver) are children, so their limits are leaves too.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import operator
 from typing import Any
 
@@ -59,30 +60,38 @@ def is_array(value: Any) -> bool:
     return isinstance(value, jax.Array)
 
 
-def check_tolerance(owner: str, field: str, value: Any) -> None:
-    """A tolerance is None, a finite float ≥ 0, or a scalar floating array (checked when run)."""
+def check_tolerance(owner: str, field: str, value: Any) -> Any:
+    """A tolerance is None, a finite number ≥ 0 (returned as a Python float; NumPy scalars
+    accepted), or a scalar floating array (returned as is, checked when run)."""
     if value is None:
-        return
+        return None
     if is_array(value):
         if value.shape != () or not jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
             raise TypeError(f"{owner}: {field} must be a scalar float array, got {value!r}.")
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {field} must be a float or None, got {value!r}.")
-    if not np.isfinite(value) or value < 0:
+    number = float(value)
+    if not np.isfinite(number) or number < 0:
         raise ValueError(f"{owner}: {field} must be finite and >= 0, got {value!r}.")
+    return number
 
 
-def check_step_limit(owner: str, value: Any, allow_none: bool = False) -> None:
-    """max_steps is an int ≥ 1 or a scalar integer array (None where the solver scales it)."""
+# Step counters are int32 (on every backend, with or without x64).
+_MOST_STEPS = 2**31 - 1
+
+
+def check_step_limit(owner: str, value: Any, allow_none: bool = False) -> Any:
+    """max_steps is an int in [1, 2**31 − 1] (returned as a Python int; NumPy integers
+    accepted) or a scalar integer array (returned as is); None where the solver scales it."""
     if value is None:
         if allow_none:
-            return
+            return None
         raise TypeError(f"{owner}: max_steps must be an int, got None.")
     if is_array(value):
         if value.shape != () or not jax.numpy.issubdtype(value.dtype, jax.numpy.integer):
             raise TypeError(f"{owner}: max_steps must be a scalar integer array, got {value!r}.")
-        return
+        return value
     if isinstance(value, bool):
         raise TypeError(f"{owner}: max_steps must be an int, got {value!r}.")
     try:
@@ -90,20 +99,76 @@ def check_step_limit(owner: str, value: Any, allow_none: bool = False) -> None:
     except TypeError:
         none = " or None" if allow_none else ""
         raise TypeError(f"{owner}: max_steps must be an int{none}, got {value!r}.") from None
-    if steps < 1:
-        raise ValueError(f"{owner}: max_steps must be >= 1, got {steps}.")
+    if not 1 <= steps <= _MOST_STEPS:
+        raise ValueError(
+            f"{owner}: max_steps must be between 1 and 2**31 - 1 (steps are counted in int32), "
+            f"got {steps}."
+        )
+    return steps
 
 
-def check_fraction(owner: str, field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+def _real(owner: str, field: str, value: Any, kind: str) -> float:
+    """A Python float from a Python or NumPy real number; TypeError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or is_array(value):
+        raise TypeError(f"{owner}: {field} must be {kind}, got {value!r}.")
+    return float(value)
+
+
+def check_fraction(owner: str, field: str, value: Any) -> float:
+    """A number in (0, 1], as a Python float (NumPy scalars accepted)."""
+    number = _real(owner, field, value, "a float in (0, 1]")
+    if not 0 < number <= 1:
         raise ValueError(f"{owner}: {field} must be a float in (0, 1], got {value!r}.")
+    return number
 
 
-def check_positive_int(owner: str, field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def check_nonnegative(owner: str, field: str, value: Any) -> float:
+    """A finite number ≥ 0, as a Python float (NumPy scalars accepted)."""
+    number = _real(owner, field, value, "a float >= 0")
+    if not (np.isfinite(number) and number >= 0):
+        raise ValueError(f"{owner}: {field} must be a finite float >= 0, got {value!r}.")
+    return number
+
+
+def check_positive_int(owner: str, field: str, value: Any) -> int:
+    """An int ≥ 1, as a Python int (NumPy integers accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or is_array(value):
+        raise TypeError(f"{owner}: {field} must be an int >= 1, got {value!r}.")
+    if value < 1:
         raise ValueError(f"{owner}: {field} must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def set_checked(solver: Any, field: str, value: Any) -> None:
+    """Store a normalised option on a frozen dataclass (in ``__post_init__``)."""
+    object.__setattr__(solver, field, value)
+
+
+def check_instance(owner: str, field: str, value: Any) -> None:
+    """A class where a solver is expected is a TypeError (classes are callable, so it would
+    otherwise pass for a user's callable solver and fail much later)."""
+    if isinstance(value, type):
+        raise TypeError(
+            f"{owner}: {field} must be a solver instance or a callable, got the class "
+            f"{value.__name__}; pass an instance: {field}={value.__name__}()."
+        )
 
 
 def check_callable(owner: str, field: str, value: Any, signature: str) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{owner}: {field} must be None or a callable {signature}, got {value!r}.")
+
+
+def holds_functions(solver: Any) -> bool:
+    """Whether a solver configuration holds functions of the user's (a callable solver, a
+    callable linear solver, a preconditioner), directly or in a nested solver."""
+    if not dataclasses.is_dataclass(solver):
+        return False
+    for field in dataclasses.fields(solver):
+        value = getattr(solver, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            if holds_functions(value):
+                return True
+        elif callable(value):
+            return True
+    return False

@@ -3,6 +3,7 @@ arrays explicit, and call the implicit-function rule (`_implicit`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,11 +12,13 @@ import jax.core
 import jax.numpy as jnp
 from jax import lax
 
-from ._failure import FailurePolicy, SolveStats, check_policy
+from . import _cache
+from ._failure import FailurePolicy, SolveStats, call_site, check_policy, reraise_solve_error
 from ._forward import AbstractForwardSolver, CallableSolver
 from ._implicit import Spec, solve, unpack
 from ._krylov import BiCGStab
 from ._linear import AbstractLinearSolver, as_linear_solver
+from ._options import check_instance
 from ._sharding import make_varying, varying_axes
 from ._solvers import FixedPointIteration, Newton
 from ._tree import PyTree, check_floating, check_like
@@ -25,21 +28,24 @@ LinearSolver = AbstractLinearSolver | Callable[..., Any]
 
 
 def _closure_convert(fn, x0, params):
-    """fn as ``function(x, params, *consts)``, with every array fn closes over made an argument.
+    """fn as ``function(x, params, *consts)``, with every array fn closes over made an argument;
+    also the closed-over arrays, fn's output shapes and its jaxpr.
 
     The custom_jvp rule must see closed-over arrays as inputs to differentiate with respect to
     them. `jax.closure_convert` hoists only values that can carry a tangent: integer arrays and
     PRNG keys closed over inside an outer `jit` would stay in the function as stale tracers and
     leak when that `jit` is differentiated, so all constants of fn's jaxpr are hoisted here.
     """
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(x0, params)
-    out_tree = jax.tree.structure(out_shape)
+    # A fresh wrapper each call: `make_jaxpr` caches traces by function identity, which would
+    # keep the values of globals and closed-over arrays from fn's first call.
+    closed, out_shape = jax.make_jaxpr(lambda x, p: fn(x, p), return_shape=True)(x0, params)
+    jaxpr, consts, out_tree = closed.jaxpr, list(closed.consts), jax.tree.structure(out_shape)
 
     def function(x, params, *consts):
-        out = jax.core.eval_jaxpr(closed.jaxpr, list(consts), *jax.tree.leaves((x, params)))
+        out = jax.core.eval_jaxpr(jaxpr, list(consts), *jax.tree.leaves((x, params)))
         return jax.tree.unflatten(out_tree, out)
 
-    return function, list(closed.consts)
+    return function, consts, out_shape, jaxpr
 
 
 def _check_x0(x0: PyTree) -> PyTree:
@@ -55,6 +61,7 @@ def _forward_solver(entry: str, solver: Any, default: AbstractForwardSolver):
         return default
     if isinstance(solver, AbstractForwardSolver):
         return solver
+    check_instance(entry, "solver", solver)
     if callable(solver):
         return CallableSolver(solver)
     raise TypeError(
@@ -71,26 +78,44 @@ def _implicit_solve(
     if not callable(fn):
         raise TypeError(f"{entry}: fn must be callable as fn(x, params), got {fn!r}.")
     solver = _forward_solver(entry, solver, default_solver)
-    linear_solver = as_linear_solver(BiCGStab() if linear_solver is None else linear_solver)
+    linear_solver = as_linear_solver(BiCGStab() if linear_solver is None else linear_solver, entry)
     check_policy(on_failure)
     x0 = _check_x0(x0)
-    out = jax.eval_shape(fn, x0, params)
+    function, consts, out, jaxpr = _closure_convert(fn, x0, params)
     what = "fn(x, params)" + ("" if fixed_point else " (the residual)")
     check_like(out, x0, what, "x0")
     # Inside shard_map, fn(x0, params) may vary over more mesh axes than x0 (per-device params,
-    # replicated x0). Give x0 the output's type up front so the loop carry keeps one type and the
-    # closure-converted fn is traced for the type it will be called with.
-    x0 = jax.tree.map(lambda a, o: make_varying(a, varying_axes(o)), x0, out)
-    function, consts = _closure_convert(fn, x0, params)
+    # replicated x0). Give x0 the output's type so the loop carry keeps one type, and convert
+    # fn again for the type it will be called with.
+    varying = jax.tree.map(lambda a, o: make_varying(a, varying_axes(o)), x0, out)
+    if any(v is not a for v, a in zip(jax.tree.leaves(varying), jax.tree.leaves(x0))):
+        x0 = varying
+        function, consts, out, jaxpr = _closure_convert(fn, x0, params)
     leaves, treedef = jax.tree.flatten((solver, linear_solver))
     # Only limits given as arrays travel as operands (traced, no recompile when they change).
     # Python numbers stay constants of the spec: inside shard_map, a replayed jaxpr whose
     # constants became operands would meet them with other varying-axes types.
     traced = tuple(isinstance(leaf, jax.Array) for leaf in leaves)
     constants = tuple(None if t else leaf for leaf, t in zip(leaves, traced))
-    spec = Spec(function, fixed_point, (treedef, constants, traced), on_failure)
+    site = call_site()
+    spec = Spec(function, fixed_point, (treedef, constants, traced), on_failure, site)
     limits = [lax.stop_gradient(leaf) for leaf, t in zip(leaves, traced) if t]
-    x, stats = solve(spec, limits, lax.stop_gradient(x0), params, consts)
+    trees = (jax.tree.structure((x0, params)), jax.tree.structure(out))
+    config = (trees, fixed_point, treedef, constants, traced, on_failure, site[:2])
+    compiled = _cache.compiled(
+        functools.partial(solve, spec), fn, jaxpr, (solver, linear_solver), config
+    )
+    arguments = (limits, lax.stop_gradient(x0), params, consts)
+    if on_failure == "raise" and not any(
+        isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments)
+    ):
+        try:  # outside jit: wait for the result, so that a failure raises here, as itself
+            x, stats = jax.block_until_ready(compiled(*arguments))
+        except jax.errors.JaxRuntimeError as error:
+            reraise_solve_error(error)
+            raise
+    else:
+        x, stats = compiled(*arguments)
     return (x, unpack(lax.stop_gradient(stats))) if return_stats else x
 
 
@@ -126,8 +151,9 @@ def root_solve(
             pytrees.
         on_failure: when a forward or linear solve does not converge: ``"warn"`` (default; a
             RuntimeWarning from a host callback, the result is returned as is), ``"nan"`` (NaN
-            solution or derivative, per batch element under vmap), ``"raise"`` (an error from
-            inside jit; under vmap one failure fails the whole batch) or ``"ignore"``.
+            solution or derivative, per batch element under vmap), ``"raise"``
+            (`SolveError` outside jit, an error carrying its message inside; under vmap one
+            failure fails the whole batch) or ``"ignore"``.
         return_stats: also return the forward solve's `SolveStats`.
 
     Returns:

@@ -12,7 +12,13 @@ from jax import lax
 from ._forward import AbstractForwardSolver, Problem, Progress
 from ._krylov import BiCGStab
 from ._linear import AbstractLinearSolver, as_linear_solver
-from ._options import check_fraction, check_positive_int, dynamic_field
+from ._options import (
+    check_fraction,
+    check_nonnegative,
+    check_positive_int,
+    dynamic_field,
+    set_checked,
+)
 from ._tree import accumulation_dtype, ravel, tree_axpy, tree_scale, tree_sub, widest
 
 
@@ -59,7 +65,7 @@ class FixedPointIteration(AbstractForwardSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        check_fraction("FixedPointIteration", "damping", self.damping)
+        set_checked(self, "damping", check_fraction("FixedPointIteration", "damping", self.damping))
 
     def init(self, problem, x0):
         return x0
@@ -102,10 +108,10 @@ class Anderson(AbstractForwardSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive_int("Anderson", "history", self.history)
-        check_fraction("Anderson", "damping", self.damping)
-        if not isinstance(self.regularization, int | float) or not self.regularization >= 0:
-            raise ValueError(f"Anderson: regularization must be >= 0, got {self.regularization!r}.")
+        set_checked(self, "history", check_positive_int("Anderson", "history", self.history))
+        set_checked(self, "damping", check_fraction("Anderson", "damping", self.damping))
+        regularization = check_nonnegative("Anderson", "regularization", self.regularization)
+        set_checked(self, "regularization", regularization)
 
     def init(self, problem, x0):
         flat = _Flat(problem)
@@ -194,8 +200,8 @@ class Broyden(AbstractForwardSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive_int("Broyden", "history", self.history)
-        check_fraction("Broyden", "damping", self.damping)
+        set_checked(self, "history", check_positive_int("Broyden", "history", self.history))
+        set_checked(self, "damping", check_fraction("Broyden", "damping", self.damping))
 
     def init(self, problem, x0):
         flat = _Flat(problem)
@@ -261,7 +267,7 @@ class Newton(AbstractForwardSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        check_fraction("Newton", "damping", self.damping)
+        set_checked(self, "damping", check_fraction("Newton", "damping", self.damping))
         object.__setattr__(self, "linear_solver", _linear_solver_or_default(self.linear_solver))
 
     def init(self, problem, x0):
@@ -277,4 +283,4 @@ class Newton(AbstractForwardSolver):
 
 
 def _linear_solver_or_default(linear_solver: Any) -> AbstractLinearSolver:
-    return BiCGStab() if linear_solver is None else as_linear_solver(linear_solver)
+    return BiCGStab() if linear_solver is None else as_linear_solver(linear_solver, "Newton")

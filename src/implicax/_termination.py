@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._options import check_step_limit, check_tolerance, dynamic_field
+from ._options import check_step_limit, check_tolerance, dynamic_field, set_checked
 from ._tree import PyTree, all_within, least_precise_dtype, max_abs, real_dtype, within_code
 
 
@@ -50,9 +50,10 @@ class Tolerances:
 
     def __post_init__(self):
         name = type(self).__name__
-        check_tolerance(name, "rtol", self.rtol)
-        check_tolerance(name, "atol", self.atol)
-        check_step_limit(name, self.max_steps, allow_none=self._scaled_step_limit())
+        set_checked(self, "rtol", check_tolerance(name, "rtol", self.rtol))
+        set_checked(self, "atol", check_tolerance(name, "atol", self.atol))
+        steps = check_step_limit(name, self.max_steps, allow_none=self._scaled_step_limit())
+        set_checked(self, "max_steps", steps)
 
     def _scaled_step_limit(self) -> bool:
         """Whether max_steps=None is allowed (linear solvers scale it with the problem)."""
@@ -98,7 +99,8 @@ def forward_test(
     residual is converged, also with atol = 0 where components of x are zero.
     """
     if fixed_point:
-        code = within_code(residual, x, rtol, atol)  # decides convergence and finiteness
+        code = within_code(residual, x, rtol, atol)  # decides convergence and finiteness;
+        # the reported size is one more plain max (the old loop's two reductions, NaN-safe)
         return code == 0, code < 2, max_abs(residual, finite=code < 2)
     size = max_abs(residual)
     converged = all_within(step, x, rtol, atol) & start_converged(size, initial_size, rtol, atol)

@@ -161,8 +161,7 @@ def ravel(tree: PyTree, dtype: Any = None) -> tuple[jax.Array, Callable[[jax.Arr
     shapes = [jnp.shape(leaf) for leaf in leaves]
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
     splits = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1].tolist()
-    pieces = [_astype(jnp.ravel(leaf), dtype) for leaf in leaves]
-    flat = jnp.concatenate(pieces) if pieces else jnp.zeros(0, dtype)
+    flat = jnp.concatenate([_astype(jnp.ravel(leaf), dtype) for leaf in leaves])
 
     def unravel(vector: jax.Array) -> PyTree:
         parts = jnp.split(vector, splits) if splits else [vector]
@@ -193,10 +192,16 @@ def check_floating(
     """Raise a TypeError naming the first leaf of `tree` that is not floating point."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = jnp.result_type(leaf)
+        where = jax.tree_util.keystr(path) or "(root)"
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
                 f"{name} must hold floating-point arrays (the solution keeps its dtype); at "
-                f"{jax.tree_util.keystr(path) or '(root)'} got {dtype}. {hint}"
+                f"{where} got {dtype}. {hint}"
+            )
+        if dtype.itemsize < 2:
+            raise TypeError(
+                f"{name} at {where} is {dtype}: 8-bit (and narrower) floats are too coarse "
+                "for an iterative solve and its derivatives. Use bfloat16, float16 or wider."
             )
 
 
