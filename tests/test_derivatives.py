@@ -200,12 +200,13 @@ def test_closed_over_integer_arrays_and_keys_under_differentiated_jit():
     def solve(p, shift, key):
         noise = jax.random.normal(key, (N,))
         return implicax.fixed_point_solve(
-            lambda x, p: jnp.tanh(p * x + shift + noise), jnp.zeros(N), p
+            lambda x, p: jnp.tanh(p * x + shift.astype(x.dtype) + noise), jnp.zeros(N), p
         )
 
     def unrolled(p, shift, key):
         noise = jax.random.normal(key, (N,))
-        return jax.lax.fori_loop(0, 200, lambda _, x: jnp.tanh(p * x + shift + noise), jnp.zeros(N))
+        step = lambda _, x: jnp.tanh(p * x + shift.astype(x.dtype) + noise)  # noqa: E731
+        return jax.lax.fori_loop(0, 200, step, jnp.zeros(N))
 
     args = (jnp.asarray(0.5), jnp.arange(N), jax.random.key(0))
     _, vjp = jax.vjp(jax.jit(solve), *args)
