@@ -94,9 +94,9 @@ def all_finite(x: PyTree) -> jax.Array:
 
 
 def within_code(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) -> jax.Array:
-    """The componentwise test |error_i| ≤ atol + rtol·|scale_i| as ONE integer reduction:
-    0 if every entry passes, 1 if some fails and all of error is finite, 2 if an entry of
-    error is NaN or inf (unless its bound is inf).
+    """The componentwise test |error_i| ≤ atol + rtol·|scale_i| as one max over per-entry
+    codes, returned as an int32: 0 if every entry passes, 1 if some fails and all of error is
+    finite, 2 if an entry of error is NaN or inf (unless its bound is inf).
 
     A comparison, not a ratio: an exact zero passes also with atol = 0 and scale_i = 0. The
     reduced values are the codes, never NaN, so no backend can drop a NaN from it, and the one
