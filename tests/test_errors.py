@@ -440,8 +440,15 @@ class TestDEQBadInput:
             layer("ok")(jnp.zeros((2, 3), jnp.int32))
 
     def test_nan_z0_is_a_reported_failure(self, layer):
-        with pytest.warns(RuntimeWarning, match="forward solve did not converge"):
+        # The report names the layer (linen: its path; Haiku: its module name; NNX: its class).
+        with pytest.warns(RuntimeWarning, match="forward solve of '(DEQ|deq)' did not converge"):
             jax.block_until_ready(layer("ok")(jnp.full((2, 3), jnp.nan)))
+
+    def test_a_policy_per_phase(self, layer):
+        with pytest.raises(ValueError, match="unknown keys"):
+            layer("ok", on_failure={"backwards": "ignore"})()
+        policy = {"forward": "ignore", "derivative": "raise"}
+        jax.block_until_ready(layer("ok", on_failure=policy)(jnp.full((2, 3), jnp.nan)))
 
     def test_bad_solver(self, layer):
         with pytest.raises(TypeError, match="solver must be an implicax solver"):

@@ -325,6 +325,190 @@ def test_raise_inside_jit_carries_the_message():
         jax.block_until_ready(solve(1.0))
 
 
+def _steps_of_gradient_descent(fn, x0, p, steps=20):
+    x = x0
+    for _ in range(steps):
+        x = x - 0.1 * fn(x, p)
+    return x
+
+
+def _square_root(x, p):
+    return x**2 - p
+
+
+def test_a_callable_solver_stopped_early_is_not_converged():
+    # Before: "converged" meant finite, so a loop that left a residual of 2e-3 passed.
+    x, stats = implicax.root_solve(
+        _square_root, jnp.ones(()), 2.0, solver=_steps_of_gradient_descent,
+        on_failure="ignore", return_stats=True,
+    )  # fmt: skip
+    assert abs(float(x**2 - 2.0)) > 1e-3
+    assert not bool(stats.converged) and not bool(stats.diverged) and int(stats.steps) == -1
+    np.testing.assert_allclose(stats.residual_norm, abs(float(x**2 - 2.0)), rtol=1e-12)
+    with pytest.warns(RuntimeWarning, match=r"forward solve did not converge \(residual 0\.00"):
+        implicax.root_solve(_square_root, jnp.ones(()), 2.0, solver=_steps_of_gradient_descent)
+
+
+def test_a_callable_solver_meets_the_tolerance_it_is_given():
+    # max|F(x)| <= atol + rtol·max|F(x0)| = 1e-2 + 1e-2·1 passes; 1e-4 does not.
+    loose = implicax.CallableSolver(_steps_of_gradient_descent, rtol=1e-2)
+    _, stats = implicax.root_solve(_square_root, jnp.ones(()), 2.0, solver=loose, return_stats=True)
+    assert bool(stats.converged)
+    tight = implicax.CallableSolver(_steps_of_gradient_descent, rtol=1e-4)
+    _, stats = implicax.root_solve(
+        _square_root, jnp.ones(()), 2.0, solver=tight, on_failure="ignore", return_stats=True
+    )
+    assert not bool(stats.converged)
+
+    # A fixed point: |x_i − g(x)_i| <= atol + rtol·|x_i|; x = 3.99 for x = x/2 + 2 leaves 0.005.
+    def near(fn, x0, p):
+        return jnp.full_like(x0, 3.99)
+
+    for rtol, converged in ((1e-2, True), (1e-4, False)):
+        _, stats = implicax.fixed_point_solve(
+            lambda x, p: 0.5 * x + p, jnp.zeros(3), 2.0,
+            solver=implicax.CallableSolver(near, rtol=rtol, atol=0.0),
+            on_failure="ignore", return_stats=True,
+        )  # fmt: skip
+        assert bool(stats.converged) is converged
+    # An exact answer passes the default tolerance, and its derivative is the implicit one.
+    exact = lambda fn, x0, p: jnp.sqrt(p) * jnp.ones_like(x0)  # noqa: E731
+    grad = jax.grad(lambda p: implicax.root_solve(_square_root, jnp.ones(()), p, solver=exact))
+    np.testing.assert_allclose(grad(2.0), 0.5 / np.sqrt(2.0), rtol=1e-12)
+
+
+def test_a_callable_solvers_tolerance_may_be_traced():
+    solve = jax.jit(
+        lambda rtol: implicax.root_solve(
+            _square_root, jnp.ones(()), 2.0, return_stats=True, on_failure="ignore",
+            solver=implicax.CallableSolver(_steps_of_gradient_descent, rtol=rtol),
+        )[1].converged
+    )  # fmt: skip
+    assert bool(solve(jnp.float64(1e-2))) and not bool(solve(jnp.float64(1e-4)))
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ((3,), TypeError, "function must be callable"),
+        ((implicax.Anderson,), TypeError, r"pass an instance: function=Anderson\(\)"),
+        ((_square_root, -1.0), ValueError, "rtol must be finite and >= 0"),
+        ((_square_root, None, "0.1"), TypeError, "atol must be a float or None"),
+    ],
+)
+def test_callable_solver_options_are_checked(bad, error, match):
+    with pytest.raises(error, match=match):
+        implicax.CallableSolver(*bad)
+
+
+_LINEAR = jnp.array([[0.5, 0.3], [-0.2, 0.4]])
+
+
+def _contraction_total(p, **kwargs):
+    cell = lambda x, p: jnp.tanh(_LINEAR @ x) + p  # noqa: E731
+    return implicax.fixed_point_solve(cell, jnp.zeros(2), p, **kwargs).sum()
+
+
+def test_forward_and_derivative_failures_have_separate_policies(recwarn):
+    # A deliberately truncated backward solve need not silence forward failures.
+    truncated = implicax.GMRES(restart=1, max_steps=1)
+    policy = {"forward": "raise", "derivative": "ignore"}
+    jax.grad(_contraction_total)(jnp.ones(2), linear_solver=truncated, on_failure=policy)
+    assert not recwarn.list
+    with pytest.raises(implicax.SolveError, match="forward solve"):
+        _contraction_total(jnp.ones(2), solver=implicax.FixedPointIteration(max_steps=2),
+                           on_failure=policy)  # fmt: skip
+    # And the other way round: a forward solve left to "ignore", its derivative raising.
+    policy = {"forward": "ignore", "derivative": "raise"}
+    grad = jax.grad(_contraction_total)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="adjoint linear solve did not converge"):
+        jax.block_until_ready(grad(jnp.ones(2), linear_solver=truncated, on_failure=policy))
+    # A phase left out is "warn".
+    with pytest.warns(RuntimeWarning, match="tangent linear solve did not converge"):
+        jax.jvp(
+            lambda p: _contraction_total(p, linear_solver=truncated, on_failure={"forward": "raise"}),
+            (jnp.ones(2),), (jnp.ones(2),),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "policy, match",
+    [
+        ({"backward": "ignore"}, r"unknown keys \['backward'\]"),
+        ({"forward": "explode"}, "on_failure must be one of"),
+        (("raise", "ignore"), "on_failure must be one of"),
+    ],
+)
+def test_a_bad_policy_mapping_is_a_clear_error(policy, match):
+    with pytest.raises(ValueError, match=match):
+        implicax.fixed_point_solve(_diverging, jnp.zeros(2), 1.0, on_failure=policy)
+
+
+def test_a_solve_carries_its_name_into_reports():
+    with pytest.warns(RuntimeWarning, match="the forward solve of 'encoder' did not converge"):
+        implicax.fixed_point_solve(_diverging, jnp.zeros(2), 1.0, name="encoder")
+    with pytest.raises(implicax.SolveError, match="the forward solve of 'encoder'"):
+        implicax.fixed_point_solve(
+            _diverging, jnp.zeros(2), 1.0, name="encoder", on_failure="raise"
+        )
+    with pytest.warns(RuntimeWarning, match="adjoint linear solve of 'deq' did not converge"):
+        jax.grad(_contraction_total)(
+            jnp.ones(2), linear_solver=implicax.GMRES(restart=1, max_steps=1), name="deq"
+        )
+    with pytest.raises(TypeError, match="name must be a string or None"):
+        implicax.fixed_point_solve(_diverging, jnp.zeros(2), 1.0, name=3)
+
+
+@jax.custom_jvp
+def _wrong_in_y(x, y):
+    return jnp.sin(x) * y
+
+
+@_wrong_in_y.defjvp
+def _(primals, tangents):
+    (x, y), (dx, dy) = primals, tangents
+    return _wrong_in_y(x, y), jnp.cos(x) * y * dx + 1.1 * jnp.sin(x) * dy  # 10% off in y
+
+
+def _wrong_second_order(x):
+    return _wrong_first_order(x)
+
+
+@jax.custom_jvp
+def _wrong_first_order(x):
+    return jnp.sin(x)
+
+
+@_wrong_first_order.defjvp
+def _(primals, tangents):
+    # Right first derivative; its own derivative is 2·(−sin x) instead of −sin x.
+    (x,), (dx,) = primals, tangents
+    return jnp.sin(x), _cos_with_wrong_derivative(x) * dx
+
+
+@jax.custom_jvp
+def _cos_with_wrong_derivative(x):
+    return jnp.cos(x)
+
+
+@_cos_with_wrong_derivative.defjvp
+def _(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return jnp.cos(x), -2 * jnp.sin(x) * dx
+
+
+def test_check_derivatives_says_which_argument_order_mode_and_transform_failed():
+    x = jnp.linspace(0.1, 1.0, 3)
+    with pytest.raises(AssertionError, match=r"first derivative of f with respect to args\[1\] "
+                       r"in fwd mode .* under transform 'jit'"):  # fmt: skip
+        check_derivatives(_wrong_in_y, (x, x), transforms=("jit",))
+    with pytest.raises(AssertionError, match=r"with respect to args\[1\] in rev mode .* 'vmap'"):
+        check_derivatives(_wrong_in_y, (x, x), modes=("rev",), transforms=("vmap",))
+    with pytest.raises(AssertionError, match=r"second derivative of f with respect to args\[0\]"):
+        check_derivatives(_wrong_second_order, (x,), order=2, transforms=("none",))
+    check_derivatives(_wrong_second_order, (x,), order=1, transforms=("none",))  # passes
+
+
 # --- fax's solver contracts (implicax.compat) ---------------------------------------------------
 
 pytestmark_fax = pytest.mark.filterwarnings("ignore:implicax.compat.* is deprecated")

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -77,14 +78,14 @@ class DEQ(nn.Module):
             (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
-        on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see
-            `implicax.fixed_point_solve`.
+        on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``, or one per phase
+            (``{"forward": ..., "derivative": ...}``); see `implicax.fixed_point_solve`.
     """
 
     cell: nn.Module
     solver: Any = None
     linear_solver: Any = None
-    on_failure: FailurePolicy = "warn"
+    on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn"
 
     @nn.compact
     def __call__(
@@ -132,6 +133,7 @@ class DEQ(nn.Module):
                 linear_solver=self.linear_solver,
                 on_failure=self.on_failure,
                 return_stats=True,
+                name="/".join(self.path) or type(self).__name__,
             )
         if mutable is not False and _writes_state(jax.eval_shape(apply, z0, arrays)[1]):
             self.cell(z, x)  # record collection updates once, from the equilibrium

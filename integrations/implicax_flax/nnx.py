@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -86,8 +87,8 @@ class DEQ(nnx.Module):
             (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
-        on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see
-            `implicax.fixed_point_solve`.
+        on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``, or one per phase
+            (``{"forward": ..., "derivative": ...}``); see `implicax.fixed_point_solve`.
         store_stats: keep the last solve's statistics in ``layer.stats``.
     """
 
@@ -97,7 +98,7 @@ class DEQ(nnx.Module):
         solver: Any = None,
         linear_solver: Any = None,
         *,
-        on_failure: FailurePolicy = "warn",
+        on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
         store_stats: bool = True,
     ):
         if not callable(cell) or not nnx.graph.is_graph_node(cell):
@@ -108,7 +109,7 @@ class DEQ(nnx.Module):
         self.cell = cell
         self.solver = solver
         self.linear_solver = linear_solver
-        self.on_failure: FailurePolicy = on_failure
+        self.on_failure = on_failure
         self.store_stats = store_stats
         self.stats = SolveStatsVariable(
             implicax.SolveStats(
@@ -152,6 +153,7 @@ class DEQ(nnx.Module):
                 linear_solver=self.linear_solver,
                 on_failure=self.on_failure,
                 return_stats=True,
+                name=type(self).__name__,
             )
         if jax.tree.leaves(rest):
             self.cell(z, x)  # advance the random streams, update running statistics at z*

@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import haiku as hk
@@ -71,8 +71,8 @@ class DEQ(hk.Module):
             (`FixedPointIteration`).
         linear_solver: solver for the tangent and adjoint systems; None for
             `implicax.fixed_point_solve`'s default.
-        on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``; see
-            `implicax.fixed_point_solve`.
+        on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``, or one per phase
+            (``{"forward": ..., "derivative": ...}``); see `implicax.fixed_point_solve`.
         name: the module's name.
     """
 
@@ -82,7 +82,7 @@ class DEQ(hk.Module):
         solver: Any = None,
         linear_solver: Any = None,
         *,
-        on_failure: FailurePolicy = "warn",
+        on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
         name: str | None = None,
     ):
         super().__init__(name=name)
@@ -91,7 +91,7 @@ class DEQ(hk.Module):
         self.cell = cell
         self.solver = solver
         self.linear_solver = linear_solver
-        self.on_failure: FailurePolicy = on_failure
+        self.on_failure = on_failure
 
     def __call__(
         self, x: PyTree, z0: PyTree | None = None, *, return_stats: bool = False
@@ -128,6 +128,7 @@ class DEQ(hk.Module):
                 linear_solver=self.linear_solver,
                 on_failure=self.on_failure,
                 return_stats=True,
+                name=self.module_name,
             )
         if jax.tree.leaves(state):
             updater.update(cell.apply(params, state, rng, z, x)[1])  # state set at z*

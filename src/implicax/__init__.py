@@ -4,6 +4,7 @@ from ._failure import FailurePolicy as FailurePolicy
 from ._failure import SolveError as SolveError
 from ._failure import SolveStats as SolveStats
 from ._forward import AbstractForwardSolver as AbstractForwardSolver
+from ._forward import CallableSolver as CallableSolver
 from ._forward import Problem as Problem
 from ._forward import Progress as Progress
 from ._krylov import CG as CG
@@ -32,6 +33,7 @@ __all__ = [
     "Broyden",
     "Budget",
     "CG",
+    "CallableSolver",
     "Dense",
     "FailurePolicy",
     "FixedPointIteration",

@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -87,9 +88,30 @@ def make_stats(steps, residual_norm, converged, diverged, inner_failures=0) -> S
     )
 
 
-def check_policy(on_failure: Any) -> None:
-    if on_failure not in FAILURE_POLICIES:
-        raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}.")
+PHASES = ("forward", "derivative")
+
+
+def check_policy(on_failure: Any) -> tuple[FailurePolicy, FailurePolicy]:
+    """The policies (forward, derivative) from `on_failure`: one policy for both, or a mapping
+    from "forward" (the forward solve) and "derivative" (its tangent and adjoint linear solves)
+    to a policy each, "warn" for a phase it leaves out."""
+    if isinstance(on_failure, Mapping):
+        unknown = sorted(set(on_failure) - set(PHASES), key=str)
+        if unknown:
+            raise ValueError(
+                f"on_failure: unknown keys {unknown}; a mapping takes 'forward' (the forward "
+                "solve) and 'derivative' (its tangent and adjoint linear solves)."
+            )
+        policies = tuple(on_failure.get(phase, "warn") for phase in PHASES)
+    else:
+        policies = (on_failure, on_failure)
+    for policy in policies:
+        if not isinstance(policy, str) or policy not in FAILURE_POLICIES:
+            raise ValueError(
+                f"on_failure must be one of {FAILURE_POLICIES}, or a mapping such as "
+                f"{{'forward': 'raise', 'derivative': 'warn'}}; got {on_failure!r}."
+            )
+    return policies  # type: ignore[return-value]
 
 
 def apply_failure_policy(
@@ -121,8 +143,7 @@ def apply_failure_policy(
             detail = (
                 f"{message} for {failed} of {converged.size} batch elements{reason}"
                 if converged.size > 1
-                else f"{message} ({int(np.max(steps))} steps, residual "
-                f"{float(np.max(residual)):.3g}){reason}"
+                else f"{message} ({_steps(steps)}residual {float(np.max(residual)):.3g}){reason}"
             )
             if on_failure == "raise":
                 raise SolveError(detail + where + "; see SolveStats for details.")
@@ -140,6 +161,11 @@ def apply_failure_policy(
     return _report_if_failed(
         report, (x, stats), stats.converged, stats.diverged, stats.steps, stats.residual_norm
     )
+
+
+def _steps(steps) -> str:
+    steps = int(np.max(steps))
+    return "" if steps < 0 else f"{steps} steps, "  # −1: a callable solver's, not counted
 
 
 # Modules whose frames are not the user's call site: this library, its adapters, JAX and the

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from ._failure import SolveStats, make_stats
-from ._options import register
+from ._options import check_instance, check_tolerance, dynamic_field, register, set_checked
 from ._sharding import tree_varying_axes, while_loop
-from ._termination import Tolerances, forward_test, start_converged
-from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub
+from ._termination import Tolerances, forward_test, resolve, start_converged
+from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub, tree_zeros_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +143,53 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class CallableSolver:
-    """A user's ``solver(fn, x0, params) -> x``. Its tolerance is unknown: converged means
-    that x and its residual are finite; the residual's max-abs is reported."""
+    """A forward solver of yours given as a function, ``function(fn, x0, params) -> x``, and
+    the tolerance its result is checked against.
+
+    A bare callable passed as ``solver=`` is wrapped in ``CallableSolver(callable)``; wrap it
+    yourself to set the tolerance. The function is never differentiated (it may be a host
+    callback, a closed form or another library's loop). Its result x is converged when it is
+    finite and passes the test of the built-in solvers' last step: for a fixed point
+    |x_i − fn(x)_i| ≤ atol + rtol·|x_i| for every i; for a root
+    max|fn(x)| ≤ atol + rtol·max|fn(x0)| (with a non-finite fn(x0) counting as 0). The defaults
+    are those of the built-in solvers (rtol = eps**(2/3) of x0's dtype, atol = rtol); the
+    tolerances may be traced arrays. `SolveStats.steps` is −1.
+
+    Attributes:
+        function: the solver, ``function(fn, x0, params) -> x`` with x like x0.
+        rtol: relative tolerance of the check (None: the default).
+        atol: absolute tolerance of the check (None: equal to rtol).
+    """
 
     function: Callable
+    rtol: Any = dynamic_field(None)
+    atol: Any = dynamic_field(None)
 
-    def stats(self, problem: Problem, x: PyTree) -> SolveStats:
-        size = max_abs(problem.residual(x))
-        finite = all_finite(x) & jnp.isfinite(size)
-        return make_stats(-1, size, finite, ~finite)
+    def __post_init__(self):
+        check_instance("CallableSolver", "function", self.function)
+        if not callable(self.function):
+            raise TypeError(
+                "CallableSolver: function must be callable as function(fn, x0, params) -> x, "
+                f"got {self.function!r}."
+            )
+        set_checked(self, "rtol", check_tolerance("CallableSolver", "rtol", self.rtol))
+        set_checked(self, "atol", check_tolerance("CallableSolver", "atol", self.atol))
+
+    def stats(self, problem: Problem, x0: PyTree, x: PyTree) -> SolveStats:
+        """Check the function's result x against the tolerance."""
+        rtol, atol = resolve(self.rtol, self.atol, x0, atol_default_is_rtol=True)
+        dtype = real_dtype(x0)
+        initial = jnp.zeros((), dtype)
+        if not problem.fixed_point:
+            initial = max_abs(problem.residual(x0)).astype(dtype)
+            initial = jnp.where(jnp.isfinite(initial), initial, 0)
+        # The test of the driver's last step; a callable reports no step, so that part
+        # (the step's size for a root) checks zeros and passes.
+        converged, finite, size = forward_test(
+            problem.fixed_point, problem.residual(x), tree_zeros_like(x), x, initial, rtol, atol
+        )
+        finite = finite & all_finite(x)
+        return make_stats(-1, size.astype(dtype), converged & finite, ~finite)
 
 
 register(CallableSolver)

@@ -37,8 +37,13 @@ class Spec:
     function: Callable  # function(x, params, *consts), closure-converted
     fixed_point: bool
     solvers: Any  # (treedef, constant leaves, which leaves are traced) of the two solvers
-    on_failure: FailurePolicy
+    on_failure: tuple[FailurePolicy, FailurePolicy]  # (forward solve, linear solves)
     site: Any  # the user's call (file, line, module globals), named in reports
+    name: str | None = None  # the solve's name in reports
+
+    def what(self, solve: str) -> str:
+        """The report's name for one of the solve's solves ("forward solve", ...)."""
+        return solve if self.name is None else f"{solve} of {self.name!r}"
 
     def unflatten_solvers(self, limits) -> tuple[Any, Any]:
         treedef, constants, traced = self.solvers
@@ -55,7 +60,7 @@ class Spec:
         if isinstance(solver, CallableSolver):
             x = solver.function(lambda x, p: self.function(x, p, *consts), x0, params)
             check_like(x, x0, "the solver's output", "x0")
-            return x, solver.stats(problem, x)
+            return x, solver.stats(problem, x0, x)
         return solver.solve(problem, x0)
 
     def linear_solver(self, limits):
@@ -65,7 +70,9 @@ class Spec:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def solve(spec: Spec, limits, x0, params, consts):
     x, stats = spec.forward(limits, x0, params, consts)
-    x, stats = apply_failure_policy(x, stats, spec.on_failure, "forward solve", spec.site)
+    x, stats = apply_failure_policy(
+        x, stats, spec.on_failure[0], spec.what("forward solve"), spec.site
+    )
     return x, _pack(stats)
 
 
@@ -117,7 +124,8 @@ def _solve_jvp(spec: Spec, primals, tangents):
         jacobian_vector_product,
         tree_scale(-1, rhs),
         spec.linear_solver(limits),
-        functools.partial(apply_failure_policy, on_failure=spec.on_failure, site=spec.site),
+        functools.partial(apply_failure_policy, on_failure=spec.on_failure[1], site=spec.site),
+        spec.what,
     )
     return (x, stats), (x_dot, stats_dot)
 
@@ -125,7 +133,7 @@ def _solve_jvp(spec: Spec, primals, tangents):
 solve.defjvp(_solve_jvp, symbolic_zeros=True)
 
 
-def _linear_solve(matvec, b, linear_solver, report: Callable) -> PyTree:
+def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) -> PyTree:
     """x with matvec(x) = b, by `lax.custom_linear_solve` (which JAX transposes for reverse
     mode), each solve reported as the failure policy says.
 
@@ -136,8 +144,8 @@ def _linear_solve(matvec, b, linear_solver, report: Callable) -> PyTree:
     sees the tree). Tying each leaf to the others by an exact zero is not enough: JAX's own
     derivative of a linear solve, at the next order, builds a new one on the same tree.
     """
-    tangent = _reporting(linear_solver, report, "tangent linear solve")
-    adjoint = _reporting(linear_solver, report, "adjoint linear solve")
+    tangent = _reporting(linear_solver, report, what("tangent linear solve"))
+    adjoint = _reporting(linear_solver, report, what("adjoint linear solve"))
     if len(jax.tree.leaves(b)) == 1:
         return lax.custom_linear_solve(matvec, b, solve=tangent, transpose_solve=adjoint)
     flat_b, unravel = ravel(b)

@@ -4,7 +4,7 @@ arrays explicit, and call the implicit-function rule (`_implicit`)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -59,7 +59,7 @@ def _check_x0(x0: PyTree) -> PyTree:
 def _forward_solver(entry: str, solver: Any, default: AbstractForwardSolver):
     if solver is None:
         return default
-    if isinstance(solver, AbstractForwardSolver):
+    if isinstance(solver, (AbstractForwardSolver, CallableSolver)):
         return solver
     check_instance(entry, "solver", solver)
     if callable(solver):
@@ -67,19 +67,32 @@ def _forward_solver(entry: str, solver: Any, default: AbstractForwardSolver):
     raise TypeError(
         f"{entry}: solver must be an implicax solver (FixedPointIteration, Anderson, Broyden, "
         f"Newton, or a subclass of implicax.AbstractForwardSolver) or a callable "
-        f"solver(fn, x0, params) -> x, got {solver!r}."
+        f"solver(fn, x0, params) -> x (optionally wrapped in implicax.CallableSolver), got "
+        f"{solver!r}."
     )
 
 
 def _implicit_solve(
-    fn, x0, params, *, fixed_point, solver, linear_solver, on_failure, return_stats, default_solver
+    fn,
+    x0,
+    params,
+    *,
+    fixed_point,
+    solver,
+    linear_solver,
+    on_failure,
+    return_stats,
+    name,
+    default_solver,
 ):
     entry = "fixed_point_solve" if fixed_point else "root_solve"
     if not callable(fn):
         raise TypeError(f"{entry}: fn must be callable as fn(x, params), got {fn!r}.")
     solver = _forward_solver(entry, solver, default_solver)
     linear_solver = as_linear_solver(BiCGStab() if linear_solver is None else linear_solver, entry)
-    check_policy(on_failure)
+    on_failure = check_policy(on_failure)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"{entry}: name must be a string or None, got {name!r}.")
     x0 = _check_x0(x0)
     function, consts, out, jaxpr = _closure_convert(fn, x0, params)
     what = "fn(x, params)" + ("" if fixed_point else " (the residual)")
@@ -98,15 +111,15 @@ def _implicit_solve(
     traced = tuple(isinstance(leaf, jax.Array) for leaf in leaves)
     constants = tuple(None if t else leaf for leaf, t in zip(leaves, traced))
     site = call_site()
-    spec = Spec(function, fixed_point, (treedef, constants, traced), on_failure, site)
+    spec = Spec(function, fixed_point, (treedef, constants, traced), on_failure, site, name)
     limits = [lax.stop_gradient(leaf) for leaf, t in zip(leaves, traced) if t]
     trees = (jax.tree.structure((x0, params)), jax.tree.structure(out))
-    config = (trees, fixed_point, treedef, constants, traced, on_failure, site[:2])
+    config = (trees, fixed_point, treedef, constants, traced, on_failure, site[:2], name)
     compiled = _cache.compiled(
         functools.partial(solve, spec), fn, jaxpr, (solver, linear_solver), config
     )
     arguments = (limits, lax.stop_gradient(x0), params, consts)
-    if on_failure == "raise" and not any(
+    if on_failure[0] == "raise" and not any(
         isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments)
     ):
         try:  # outside jit: wait for the result, so that a failure raises here, as itself
@@ -126,8 +139,9 @@ def root_solve(
     *,
     solver: ForwardSolver | None = None,
     linear_solver: LinearSolver | None = None,
-    on_failure: FailurePolicy = "warn",
+    on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
     return_stats: bool = False,
+    name: str | None = None,
 ) -> PyTree | tuple[PyTree, SolveStats]:
     """Solve fn(x, params) = 0 for x, differentiably in params (and in arrays fn closes over).
 
@@ -153,8 +167,11 @@ def root_solve(
             RuntimeWarning from a host callback, the result is returned as is), ``"nan"`` (NaN
             solution or derivative, per batch element under vmap), ``"raise"``
             (`SolveError` outside jit, an error carrying its message inside; under vmap one
-            failure fails the whole batch) or ``"ignore"``.
+            failure fails the whole batch) or ``"ignore"``; or a policy for each phase,
+            e.g. ``{"forward": "raise", "derivative": "ignore"}`` ("derivative": the tangent
+            and adjoint linear solves; a phase left out is "warn").
         return_stats: also return the forward solve's `SolveStats`.
+        name: the solve's name in failure reports ("the forward solve of 'encoder' ...").
 
     Returns:
         x with fn(x, params) ≈ 0, or ``(x, stats)`` when return_stats is True.
@@ -168,6 +185,7 @@ def root_solve(
         linear_solver=linear_solver,
         on_failure=on_failure,
         return_stats=return_stats,
+        name=name,
         default_solver=Newton(),
     )
 
@@ -179,8 +197,9 @@ def fixed_point_solve(
     *,
     solver: ForwardSolver | None = None,
     linear_solver: LinearSolver | None = None,
-    on_failure: FailurePolicy = "warn",
+    on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
     return_stats: bool = False,
+    name: str | None = None,
 ) -> PyTree | tuple[PyTree, SolveStats]:
     """Solve x = fn(x, params) for x, differentiably in params (and in arrays fn closes over).
 
@@ -198,9 +217,10 @@ def fixed_point_solve(
             iteration; needs a contraction), `Dense`, `CG` (for symmetric positive definite
             I − ∂fn/∂x), your subclass of `AbstractLinearSolver`, or any callable
             ``linear_solver(matvec, b) -> x``.
-        on_failure: ``"warn"`` (default), ``"nan"``, ``"raise"`` or ``"ignore"``; see
-            `root_solve`.
+        on_failure: ``"warn"`` (default), ``"nan"``, ``"raise"`` or ``"ignore"``, or one
+            per phase (``{"forward": ..., "derivative": ...}``); see `root_solve`.
         return_stats: also return the forward solve's `SolveStats`.
+        name: the solve's name in failure reports.
 
     Returns:
         x with x ≈ fn(x, params), or ``(x, stats)`` when return_stats is True.
@@ -214,5 +234,6 @@ def fixed_point_solve(
         linear_solver=linear_solver,
         on_failure=on_failure,
         return_stats=return_stats,
+        name=name,
         default_solver=FixedPointIteration(),
     )

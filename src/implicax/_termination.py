@@ -36,6 +36,18 @@ def default_tolerance(dtype: Any) -> float:
     return float(jnp.finfo(dtype).eps) ** (2 / 3)
 
 
+def resolve(
+    rtol: Any, atol: Any, like: PyTree, atol_default_is_rtol: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(rtol, atol) for unknowns like `like`, defaults filled in: the default comes from its
+    least precise dtype, and both are cast to the dtype its norms are computed in."""
+    rtol = default_tolerance(least_precise_dtype(like)) if rtol is None else rtol
+    if atol is None:
+        atol = rtol if atol_default_is_rtol else 0.0
+    dtype = real_dtype(like)
+    return jnp.asarray(rtol).astype(dtype), jnp.asarray(atol).astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tolerances:
     """rtol, atol and max_steps: the fields every iterative solver shares.
@@ -60,15 +72,8 @@ class Tolerances:
         return False
 
     def resolve(self, like: PyTree, atol_default_is_rtol: bool) -> tuple[jax.Array, jax.Array]:
-        """(rtol, atol) for unknowns like `like`, defaults filled in: the default comes from
-        its least precise dtype, and both are cast to the dtype its norms are computed in."""
-        rtol = default_tolerance(least_precise_dtype(like)) if self.rtol is None else self.rtol
-        if self.atol is not None:
-            atol = self.atol
-        else:
-            atol = rtol if atol_default_is_rtol else 0.0
-        dtype = real_dtype(like)
-        return jnp.asarray(rtol).astype(dtype), jnp.asarray(atol).astype(dtype)
+        """(rtol, atol) for unknowns like `like`; see `resolve`."""
+        return resolve(self.rtol, self.atol, like, atol_default_is_rtol)
 
     def step_limit(self) -> jax.Array:
         """max_steps as an int32 scalar (a Python int or an integer array of any width)."""

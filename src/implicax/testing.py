@@ -85,7 +85,42 @@ def check_derivatives(
                     f"check_derivatives: f's output{jax.tree_util.keystr(path)} is not finite "
                     f"(transform {transform!r}), so its derivatives cannot be checked."
                 )
-        check_grads(g, g_args, order=order, modes=modes, atol=atol, rtol=rtol, eps=eps)
+        tolerances = dict(atol=atol, rtol=rtol, eps=eps)
+        try:
+            check_grads(g, g_args, order=order, modes=modes, **tolerances)
+        except AssertionError as error:
+            raise AssertionError(_locate(g, g_args, order, modes, transform, tolerances)) from error
+
+
+_ORDINALS = {1: "first", 2: "second", 3: "third"}
+
+
+def _locate(g, args, order, modes, transform, tolerances) -> str:
+    """Say which argument, order and mode fail: rerun the check one argument, one mode and
+    one order at a time (lowest first) after the joint check has failed."""
+    for k in range(1, order + 1):
+        for mode in modes:
+            for i in range(len(args)):
+
+                def one(arg, i=i):
+                    return g(*args[:i], arg, *args[i + 1 :])
+
+                try:
+                    check_grads(one, (args[i],), order=k, modes=(mode,), **tolerances)
+                except AssertionError as error:
+                    ordinal = _ORDINALS.get(k, f"order-{k}")
+                    how = "jvp" if mode == "fwd" else "vjp"
+                    return (
+                        f"check_derivatives: the {ordinal} derivative of f with respect to "
+                        f"args[{i}] in {mode} mode ({how}, checked by "
+                        f"jax.test_util.check_grads) under transform {transform!r} does not "
+                        f"match central finite differences:\n{error}"
+                    )
+    return (
+        f"check_derivatives: a derivative of f (order <= {order}, modes {tuple(modes)}) under "
+        f"transform {transform!r} does not match central finite differences in a joint "
+        "direction of all args, though each argument alone passes."
+    )
 
 
 def _names(field: str, values: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
