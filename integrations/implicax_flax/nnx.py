@@ -109,7 +109,7 @@ class DEQ(nnx.Module):
         self.cell = cell
         self.solver = solver
         self.linear_solver = linear_solver
-        self.on_failure = on_failure
+        self.on_failure: FailurePolicy | Mapping[str, FailurePolicy] = on_failure
         self.store_stats = store_stats
         self.stats = SolveStatsVariable(
             implicax.SolveStats(

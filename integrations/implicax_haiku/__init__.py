@@ -91,7 +91,7 @@ class DEQ(hk.Module):
         self.cell = cell
         self.solver = solver
         self.linear_solver = linear_solver
-        self.on_failure = on_failure
+        self.on_failure: FailurePolicy | Mapping[str, FailurePolicy] = on_failure
 
     def __call__(
         self, x: PyTree, z0: PyTree | None = None, *, return_stats: bool = False
