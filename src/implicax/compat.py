@@ -15,11 +15,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from ._forward import CallableSolver
 from ._krylov import GMRES, Neumann
 from ._solve import fixed_point_solve
 from ._solve import root_solve as _root_solve
 from ._solvers import FixedPointIteration
-from ._tree import tree_add, tree_sub
+from ._tree import least_precise_dtype, tree_add, tree_sub
 
 __all__ = ["root_solve", "two_phase_solve"]
 
@@ -44,6 +48,8 @@ def two_phase_solve(
     its params differently; a solver that only passes them to param_func works unchanged).
     implicax differentiates its derivative rule again for higher orders, with the same linear
     solve, so ``solvers[1]`` serves every order; later entries are accepted and not used.
+    A solver's result is checked against a tolerance of sqrt(eps) of the dtype, and a failure
+    is reported (a warning) like any implicax solve's.
 
     Returns:
         x with ``param_func(params)(x) == x``.
@@ -78,9 +84,11 @@ def two_phase_solve(
             DeprecationWarning,
             stacklevel=2,
         )
-        solver = lambda fn, x0, p: forward(x0, p)  # noqa: E731
+        solver = _fax_solver(lambda fn, x0, p: forward(x0, p), init_xs)
     elif forward is not None:
-        solver = lambda fn, x0, p: forward(lambda q: lambda x: fn(x, q), x0, p)  # noqa: E731
+        solver = _fax_solver(
+            lambda fn, x0, p: forward(lambda q: lambda x: fn(x, q), x0, p), init_xs
+        )
     linear_solver: Any = Neumann(max_steps=5000)
     if backward is not None:
         linear_solver = functools.partial(_as_fixed_point, backward)
@@ -103,6 +111,8 @@ def root_solve(
     and ``rev_solver(matvec, b) -> (x, info)``, like `jax.scipy.sparse.linalg.gmres` (the
     default, here implicax's `GMRES`), solves the derivative's linear systems: the transposed
     one in reverse mode (as in fax), the Jacobian's own in forward mode, at every order.
+    The root is checked against a tolerance of sqrt(eps) of the dtype, and a failure is
+    reported (a warning) like any implicax solve's.
 
     Returns:
         x with ``func(x, params) == 0``.
@@ -119,9 +129,17 @@ def root_solve(
         func,
         init_xs,
         params,
-        solver=lambda fn, x0, p: solver(x0, p),
+        solver=_fax_solver(lambda fn, x0, p: solver(x0, p), init_xs),
         linear_solver=linear_solver,
     )
+
+
+def _fax_solver(function: Callable, init_xs: Any) -> CallableSolver:
+    """A fax solver's result, checked at sqrt(eps) of the dtype (float64: 1.5e-8): fax's
+    solvers stop on a small step (its default: 1e-10 relative and absolute), which leaves a
+    residual above implicax's default tolerance but far below a failed solve's."""
+    dtype = least_precise_dtype(jax.tree.map(jnp.asarray, init_xs))
+    return CallableSolver(function, rtol=float(jnp.finfo(dtype).eps) ** 0.5)
 
 
 def _as_fixed_point(fax_solver: Callable, matvec: Callable, b: Any) -> Any:
