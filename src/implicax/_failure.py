@@ -60,8 +60,10 @@ def _barrier_forgets_solve_errors() -> None:
     check; so the barrier waits on such a token and drops it. Other errors are left as JAX
     handles them. JAX internals: without them (another JAX), nothing is changed.
     """
-    from jax._src import dispatch
-
+    try:
+        from jax._src import dispatch
+    except ImportError:
+        return
     tokens = getattr(dispatch, "RuntimeTokenSet", None)
     wait = getattr(tokens, "block_until_ready", None)
     if wait is None or getattr(wait, "_implicax", False):
