@@ -161,7 +161,8 @@ def root_solve(
             RuntimeWarning from a host callback, the result is returned as is), ``"nan"`` (NaN
             solution or derivative, per batch element under vmap), ``"raise"``
             (`SolveError` outside jit, an error carrying its message inside; under vmap one
-            failure fails the whole batch) or ``"ignore"``.
+            failure fails the whole batch, under pmap or shard_map every device) or
+            ``"ignore"``.
         return_stats: also return the forward solve's `SolveStats`.
 
     Returns:
