@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._sharding import make_varying
 from ._tree import PyTree
 
 FailurePolicy = Literal["warn", "nan", "raise", "ignore"]
@@ -44,6 +48,43 @@ class _QuietSolveErrors(logging.Filter):
 
 logging.getLogger("jax._src.callback").addFilter(_QuietSolveErrors())
 _MESSAGE = re.compile(r"(implicax: the .*?; see SolveStats for details\.)", re.S)
+
+
+def _barrier_forgets_solve_errors() -> None:
+    """Let `jax.effects_barrier` forget a computation that failed with a SolveError.
+
+    JAX keeps, per device, the runtime token of the last computation with host callbacks, and
+    the barrier waits on each one; it forgets them only when all succeeded. A computation
+    stopped by a "raise" (run asynchronously, as under pmap) leaves failed tokens that every
+    later barrier raises again, until another computation replaces them on each device. The
+    error reaches the caller through the solve's results, whose every leaf depends on the
+    check; so the barrier waits on such a token and drops it. Other errors are left as JAX
+    handles them. JAX internals: without them (another JAX), nothing is changed.
+    """
+    try:
+        from jax._src import dispatch
+    except ImportError:
+        return
+    tokens = getattr(dispatch, "RuntimeTokenSet", None)
+    wait = getattr(tokens, "block_until_ready", None)
+    if wait is None or getattr(wait, "_implicax", False):
+        return
+
+    def block_until_ready(self):
+        for device, token in list(getattr(self, "output_runtime_tokens", {}).items()):
+            try:
+                token.block_until_ready()
+            except Exception as error:  # noqa: BLE001 (re-raised unless it is a SolveError)
+                if not _MESSAGE.search(str(error)):
+                    raise
+                del self.output_runtime_tokens[device]
+        wait(self)
+
+    block_until_ready._implicax = True
+    tokens.block_until_ready = block_until_ready
+
+
+_barrier_forgets_solve_errors()
 
 
 def reraise_solve_error(error: Exception) -> None:
@@ -134,9 +175,13 @@ def apply_failure_policy(
     message = f"implicax: the {what} did not converge"
     filename, lineno, module_globals = site
     where = f" (solve called at {filename}:{lineno})"
+    # Under pmap or shard_map, every device must stop at a failed "raise" (see _mapped_axes).
+    axes = _mapped_axes() if on_failure == "raise" else ()
+    devices = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
 
-    def report(converged, diverged, steps, residual):
+    def report(converged, diverged, steps, residual, failed_devices=None):
         converged = np.asarray(converged)
+        detail = ""
         if not converged.all():
             failed = int(converged.size - converged.sum())
             reason = " (it diverged: a NaN or inf appeared)" if np.any(diverged) else ""
@@ -145,6 +190,14 @@ def apply_failure_policy(
                 if converged.size > 1
                 else f"{message} ({_steps(steps)}residual {float(np.max(residual)):.3g}){reason}"
             )
+        if failed_devices is not None:  # some device failed: every device raises
+            mapped = f"{int(failed_devices)} of {devices} devices"
+            detail = (
+                f"{detail}; it failed on {mapped}"
+                if detail
+                else f"{message} on {mapped} (this device's solve converged)"
+            )
+        if detail:
             if on_failure == "raise":
                 raise SolveError(detail + where + "; see SolveStats for details.")
             # Attributed to the user's call, deduplicated there like any warning of theirs.
@@ -159,13 +212,48 @@ def apply_failure_policy(
         return np.ones((), np.bool_)
 
     return _report_if_failed(
-        report, (x, stats), stats.converged, stats.diverged, stats.steps, stats.residual_norm
+        report,
+        (x, stats),
+        stats.converged,
+        stats.diverged,
+        stats.steps,
+        stats.residual_norm,
+        axes=axes,
     )
 
 
 def _steps(steps) -> str:
     steps = int(np.max(steps))
     return "" if steps < 0 else f"{steps} steps, "  # −1: a callable solver's, not counted
+
+
+_NESTING = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_solve():
+    """Marks the tracing of one solve (its forward pass or its derivative rule): a solve
+    traced inside another is nested (`_mapped_axes`)."""
+    _NESTING.depth = getattr(_NESTING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _NESTING.depth -= 1
+
+
+def _mapped_axes() -> tuple:
+    """The pmap or shard_map axes over which a "raise" check decides for all devices at once.
+
+    Each device checks its own solve. If one device stopped at its error while the others went
+    on, they would wait for it in the next collective (a `pmean` of gradients) until XLA aborts
+    the process. So the failure flag is first summed over the manual mesh axes (pmap, too, is
+    a shard_map in this JAX): every device takes the same branch and raises. A solve nested in
+    another one's fn (or derivative) runs inside that solve's loops, whose trip counts differ
+    between devices; a collective there would itself hang, so it checks for its device alone.
+    """
+    if getattr(_NESTING, "depth", 0) > 1:
+        return ()
+    return tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes, key=str))
 
 
 # Modules whose frames are not the user's call site: this library, its adapters, JAX and the
@@ -188,9 +276,12 @@ def call_site() -> tuple[str, int, dict]:
     return "<unknown>", 0, {}
 
 
-def _report_if_failed(report, tree: PyTree, converged: jax.Array, *args: jax.Array) -> PyTree:
+def _report_if_failed(
+    report, tree: PyTree, converged: jax.Array, *args: jax.Array, axes: tuple = ()
+) -> PyTree:
     """Return tree, after ``report(converged, *args)`` has run on the host if some element
-    failed.
+    failed; with mapped `axes`, after ``report(converged, *args, failed_devices)`` has run on
+    every device if some element of some device failed.
 
     Only the failed branch of a `lax.cond` calls back, so a converged solve pays for one
     predicate, no transfer, and the select of tree through the flag. Under vmap the check
@@ -207,8 +298,12 @@ def _report_if_failed(report, tree: PyTree, converged: jax.Array, *args: jax.Arr
     @jax.custom_batching.custom_vmap
     def check(values):
         flag = jax.ShapeDtypeStruct((), jnp.bool_)
+        ok = jnp.all(values[0])
+        if axes:  # one all-reduce of a flag: how many devices failed
+            failed = lax.psum(make_varying((~ok).astype(jnp.int32), frozenset(axes)), axes)
+            ok, values = failed == 0, (*values, failed)
         return lax.cond(
-            jnp.all(values[0]),
+            ok,
             lambda: jnp.ones((), jnp.bool_),
             lambda: jax.pure_callback(report, flag, *values),
         )

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from ._failure import FailurePolicy, SolveStats, apply_failure_policy
+from ._failure import FailurePolicy, SolveStats, apply_failure_policy, tracing_solve
 from ._forward import CallableSolver, Problem
 from ._krylov import CG, GMRES, BiCGStab, Neumann
 from ._termination import default_tolerance
@@ -71,10 +71,11 @@ class Spec:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def solve(spec: Spec, limits, x0, params, consts):
-    x, stats = spec.forward(limits, x0, params, consts)
-    x, stats = apply_failure_policy(
-        x, stats, spec.on_failure[0], spec.what("forward solve"), spec.site
-    )
+    with tracing_solve():
+        x, stats = spec.forward(limits, x0, params, consts)
+        x, stats = apply_failure_policy(
+            x, stats, spec.on_failure[0], spec.what("forward solve"), spec.site
+        )
     return x, _pack(stats)
 
 
@@ -99,7 +100,13 @@ def unpack(packed: jax.Array) -> SolveStats:
 def _solve_jvp(spec: Spec, primals, tangents):
     limits, x0, params, consts = primals
     x, stats = solve(spec, limits, x0, params, consts)
-    stats_dot = jnp.zeros_like(stats)
+    with tracing_solve():  # (after the primal solve, which is not nested in its own rule)
+        x_dot = _tangent(spec, primals, tangents, x)
+    return (x, stats), (x_dot, jnp.zeros_like(stats))
+
+
+def _tangent(spec: Spec, primals, tangents, x):
+    limits, x0, params, consts = primals
 
     # Only the inputs that carry a tangent (symbolic zeros mark the others) enter ∂F/∂θ·θ̇;
     # undifferentiated parameters cost no derivative work.
@@ -129,7 +136,7 @@ def _solve_jvp(spec: Spec, primals, tangents):
         functools.partial(apply_failure_policy, on_failure=spec.on_failure[1], site=spec.site),
         spec.what,
     )
-    return (x, stats), (x_dot, stats_dot)
+    return x_dot
 
 
 solve.defjvp(_solve_jvp, symbolic_zeros=True)

@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _cache
-from ._failure import FailurePolicy, SolveStats, call_site, check_policy, reraise_solve_error
+from ._failure import (
+    FailurePolicy,
+    SolveStats,
+    call_site,
+    check_policy,
+    reraise_solve_error,
+    tracing_solve,
+)
 from ._forward import AbstractForwardSolver, CallableSolver
 from ._implicit import Spec, solve, unpack
 from ._krylov import BiCGStab
@@ -38,7 +45,8 @@ def _closure_convert(fn, x0, params):
     """
     # A fresh wrapper each call: `make_jaxpr` caches traces by function identity, which would
     # keep the values of globals and closed-over arrays from fn's first call.
-    closed, out_shape = jax.make_jaxpr(lambda x, p: fn(x, p), return_shape=True)(x0, params)
+    with tracing_solve():  # a solve in fn is nested in this one
+        closed, out_shape = jax.make_jaxpr(lambda x, p: fn(x, p), return_shape=True)(x0, params)
     jaxpr, consts, out_tree = closed.jaxpr, list(closed.consts), jax.tree.structure(out_shape)
 
     def function(x, params, *consts):
@@ -167,9 +175,10 @@ def root_solve(
             RuntimeWarning from a host callback, the result is returned as is), ``"nan"`` (NaN
             solution or derivative, per batch element under vmap), ``"raise"``
             (`SolveError` outside jit, an error carrying its message inside; under vmap one
-            failure fails the whole batch) or ``"ignore"``; or a policy for each phase,
-            e.g. ``{"forward": "raise", "derivative": "ignore"}`` ("derivative": the tangent
-            and adjoint linear solves; a phase left out is "warn").
+            failure fails the whole batch, under pmap or shard_map every device) or
+            ``"ignore"``; or a policy for each phase, e.g.
+            ``{"forward": "raise", "derivative": "ignore"}`` ("derivative": the tangent and
+            adjoint linear solves; a phase left out is "warn").
         return_stats: also return the forward solve's `SolveStats`.
         name: the solve's name in failure reports ("the forward solve of 'encoder' ...").
 
