@@ -33,6 +33,7 @@ from ._sharding import make_varying, tree_varying_axes, while_loop
 from ._termination import Tolerances, linear_threshold
 from ._tree import (
     PyTree,
+    accumulation_dtype,
     all_finite,
     check_like,
     least_precise_dtype,
@@ -222,7 +223,8 @@ class Dense(AbstractLinearSolver):
         set_checked(self, "rtol", check_tolerance("Dense", "rtol", self.rtol))
 
     def solve(self, matvec, b):
-        dtype = real_dtype(b)  # LU in at least float32
+        # LU in at least float32, complex if a leaf of b is complex.
+        dtype = accumulation_dtype(widest(leaf.dtype for leaf in jax.tree.leaves(b)))
         flat_b, unravel = ravel(b, dtype)
         n = flat_b.size
         axes = tree_varying_axes(b, jax.eval_shape(matvec, b))
@@ -239,9 +241,9 @@ class Dense(AbstractLinearSolver):
         # float32/float64 tree is float32-accurate in its float32 rows).
         eps = jnp.finfo(least_precise_dtype(b)).eps
         rtol = eps ** (2 / 3) if self.rtol is None else self.rtol
-        rtol = jnp.asarray(rtol).astype(dtype)
+        rtol = jnp.asarray(rtol).astype(real_dtype(b))
         diagonal = jnp.abs(jnp.diagonal(lu))
-        nonsingular = jnp.all(diagonal > jnp.asarray(n * eps, dtype) * max_abs(diagonal))
+        nonsingular = jnp.all(diagonal > jnp.asarray(n * eps, diagonal.dtype) * max_abs(diagonal))
         backward = rtol * (safe_norm(matrix) * safe_norm(flat_x) + safe_norm(flat_b))
         finite = jnp.all(jnp.isfinite(flat_x)) & jnp.isfinite(residual)
         converged = finite & nonsingular & (residual <= backward)

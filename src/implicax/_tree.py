@@ -189,14 +189,15 @@ def least_precise_dtype(tree: PyTree) -> Any:
 def check_floating(
     tree: PyTree, name: str, hint: str = "Cast it, e.g. .astype(jnp.float32)."
 ) -> None:
-    """Raise a TypeError naming the first leaf of `tree` that is not floating point."""
+    """Raise a TypeError naming the first leaf of `tree` that is neither real floating point
+    nor complex (complex64, complex128), or is an 8-bit float."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = jnp.result_type(leaf)
         where = jax.tree_util.keystr(path) or "(root)"
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"{name} must hold floating-point arrays (the solution keeps its dtype); at "
-                f"{where} got {dtype}. {hint}"
+                f"{name} must hold floating-point arrays (real or complex; the solution keeps "
+                f"its dtype); at {where} got {dtype}. {hint}"
             )
         if dtype.itemsize < 2:
             raise TypeError(
