@@ -23,6 +23,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from ._failure import FailurePolicy, SolveStats, apply_failure_policy
 from ._forward import CallableSolver, Problem
+from ._linear import complexified
 from ._tree import PyTree, check_like, ravel, tree_scale
 
 
@@ -134,12 +135,21 @@ def _linear_solve(matvec, b, linear_solver, report: Callable) -> PyTree:
     two hyperparameters, part of a DEQ state) would not, and JAX would fail with a bare
     AssertionError. So a tree of several leaves is solved as one vector (the solver still
     sees the tree). Tying each leaf to the others by an exact zero is not enough: JAX's own
-    derivative of a linear solve, at the next order, builds a new one on the same tree.
+    derivative of a linear solve, at the next order, builds a new one on the same tree. A
+    tree of complex and real leaves is posed with every leaf complex (`complexified`).
     """
-    tangent = _reporting(linear_solver, report, "tangent linear solve")
-    adjoint = _reporting(linear_solver, report, "adjoint linear solve")
+    # A non-holomorphic fn of a complex x makes a system no complex solver solves; say so.
+    complex_x = any(jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(b))
+    hint = " of a complex x (fn must be holomorphic in x)" if complex_x else ""
+    tangent = _reporting(linear_solver, report, "tangent linear solve" + hint)
+    adjoint = _reporting(linear_solver, report, "adjoint linear solve" + hint)
+    matvec, b, restore = complexified(matvec, b)
     if len(jax.tree.leaves(b)) == 1:
         return lax.custom_linear_solve(matvec, b, solve=tangent, transpose_solve=adjoint)
+    return restore(_flat_linear_solve(matvec, b, tangent, adjoint))
+
+
+def _flat_linear_solve(matvec, b, tangent, adjoint) -> PyTree:
     flat_b, unravel = ravel(b)
 
     def as_vector(tree: PyTree) -> jax.Array:

@@ -11,7 +11,7 @@ from jax import lax
 
 from ._forward import AbstractForwardSolver, Problem, Progress
 from ._krylov import BiCGStab
-from ._linear import AbstractLinearSolver, as_linear_solver
+from ._linear import AbstractLinearSolver, as_linear_solver, complexified
 from ._options import (
     check_fraction,
     check_nonnegative,
@@ -282,7 +282,9 @@ class Newton(AbstractForwardSolver):
     def step(self, problem, state):
         x, fx = state
         _, jvp = jax.linearize(problem.residual, x)
-        delta, stats = self.linear_solver.solve(jvp, tree_scale(-1, fx))
+        jvp, rhs, restore = complexified(jvp, tree_scale(-1, fx))
+        delta, stats = self.linear_solver.solve(jvp, rhs)
+        delta = restore(delta)
         x = tree_axpy(self.damping, delta, x)
         fx = problem.residual(x)
         return _NewtonState(x, fx), Progress(x, fx, delta, ~stats.converged)
