@@ -45,8 +45,8 @@ class _CGState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CG(AbstractIterativeLinearSolver):
-    """Conjugate gradients (preconditioned), for symmetric positive-definite A, e.g. the Hessian
-    of a strictly convex objective in `root_solve`.
+    """Conjugate gradients (preconditioned), for symmetric (complex: Hermitian) positive-definite
+    A, e.g. the Hessian of a strictly convex objective in `root_solve`.
 
     Symmetry is never assumed elsewhere: the adjoint system runs CG on the transposed operator,
     and every solve is verified on its true residual, so CG applied to a matrix that is not
