@@ -24,6 +24,7 @@ from jax.custom_derivatives import SymbolicZero
 from ._failure import FailurePolicy, SolveStats, apply_failure_policy, tracing_solve
 from ._forward import CallableSolver, Problem
 from ._krylov import CG, GMRES, BiCGStab, Neumann
+from ._linear import complexified
 from ._termination import default_tolerance
 from ._tree import PyTree, check_like, least_precise_dtype, ravel, tree_scale
 
@@ -151,15 +152,20 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
     two hyperparameters, part of a DEQ state) would not, and JAX would fail with a bare
     AssertionError. So a tree of several leaves is solved as one vector. Tying each leaf to
     the others by an exact zero is not enough: JAX's own derivative of a linear solve, at the
-    next order, builds a new one on the same tree.
+    next order, builds a new one on the same tree. A tree of complex and real leaves is posed
+    with every leaf complex (`complexified`).
     """
+    # A non-holomorphic fn of a complex x makes a system no complex solver solves; say so.
+    complex_x = any(jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(b))
+    hint = " of a complex x (fn must be holomorphic in x)" if complex_x else ""
 
     def reporting(solver, view=lambda solve: solve):
-        tangent = _reporting(solver, report, what("tangent linear solve"))
-        adjoint = _reporting(solver, report, what("adjoint linear solve"))
+        tangent = _reporting(solver, report, what("tangent linear solve") + hint)
+        adjoint = _reporting(solver, report, what("adjoint linear solve") + hint)
         return {"solve": view(tangent), "transpose_solve": view(adjoint)}
 
-    if len(jax.tree.leaves(b)) == 1:
+    matvec, b, restore = complexified(matvec, b)
+    if len(jax.tree.leaves(b)) == 1:  # (then not a mixed tree: nothing to restore)
         return lax.custom_linear_solve(matvec, b, **reporting(linear_solver))
     flat_b, unravel = ravel(b)
 
@@ -183,7 +189,7 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
             else reporting(vector_solver)
         ),
     )
-    return unravel(flat_x)
+    return restore(unravel(flat_x))
 
 
 _VECTOR_SOLVERS = (BiCGStab, CG, GMRES, Neumann)

@@ -45,8 +45,8 @@ class _CGState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CG(AbstractIterativeLinearSolver):
-    """Conjugate gradients (preconditioned), for symmetric positive-definite A, e.g. the Hessian
-    of a strictly convex objective in `root_solve`.
+    """Conjugate gradients (preconditioned), for symmetric (complex: Hermitian) positive-definite
+    A, e.g. the Hessian of a strictly convex objective in `root_solve`.
 
     Symmetry is never assumed elsewhere: the adjoint system runs CG on the transposed operator,
     and every solve is verified on its true residual, so CG applied to a matrix that is not
@@ -134,14 +134,15 @@ class BiCGStab(AbstractIterativeLinearSolver):
         restart = (jnp.abs(rho_new) <= tiny * norm_shadow * norm_r) | (omega == 0)
 
         # The fresh shadow r̂ = r + ½‖r‖·u (u a fixed unit vector spread over every entry):
-        # ⟨r̂, r⟩ = ‖r‖² + ½‖r‖⟨u, r⟩ ≥ ½‖r‖² > 0, so the new ρ cannot vanish at once, where
-        # r̂ = r alone fails again at once on a permutation (⟨r, A·r⟩ = 0).
+        # |⟨r̂, r⟩| = |‖r‖² + ½‖r‖⟨u, r⟩| ≥ ½‖r‖² > 0, so the new ρ cannot vanish at once,
+        # where r̂ = r alone fails again at once on a permutation (⟨r, A·r⟩ = 0).
         # A branch, not a select: restarts are rare, and the select cost every iteration
         # three passes over the vectors (under vmap the branch is a select again).
         def fresh_shadow():
-            ur = jnp.real(tree_vdot(spread, r))
-            fresh_norm = jnp.sqrt(jnp.maximum(1.25 * norm_r**2 + norm_r * ur, 0))
-            rho = (norm_r**2 + 0.5 * norm_r * ur).astype(rho_new.dtype)
+            ur = tree_vdot(spread, r)  # complex for complex r: ρ keeps its imaginary part
+            fresh_norm = jnp.sqrt(jnp.maximum(1.25 * norm_r**2 + norm_r * jnp.real(ur), 0))
+            half = (0.5 * norm_r).astype(ur.dtype)
+            rho = ((norm_r**2).astype(ur.dtype) + half * ur).astype(rho_new.dtype)
             return tree_axpy(0.5 * norm_r, spread, r), fresh_norm, rho
 
         shadow, norm_shadow, rho_new = lax.cond(
@@ -160,7 +161,7 @@ class BiCGStab(AbstractIterativeLinearSolver):
         t = matvec(s_hat)
         tt = jnp.real(tree_vdot(t, t))
         ts = tree_vdot(t, s)
-        omega = jnp.where(tt > 0, ts / jnp.where(tt > 0, tt, 1), 0)
+        omega = jnp.where(tt > 0, ts / jnp.where(tt > 0, tt, 1).astype(ts.dtype), 0)
         # ω ≈ 0 relative to α (t ⊥ s, e.g. every step on a skew-symmetric A) is a breakdown
         # too: ω = 0 then keeps the BiCG half-step and restarts the next iteration, instead of
         # β ∝ 1/ω. (Both have the units of 1/A, so the test needs no extra norm.)
@@ -178,10 +179,12 @@ class BiCGStab(AbstractIterativeLinearSolver):
 
 
 def _spread(like: PyTree) -> PyTree:
-    """A fixed unit vector with every entry nonzero, for fresh shadow residuals."""
+    """A fixed unit vector with every entry nonzero (and real), for fresh shadow residuals."""
     leaves, treedef = jax.tree.flatten(like)
     spread = [
-        jnp.cos(1.0 + 0.7 * jnp.arange(leaf.size, dtype=leaf.dtype) + 3.1 * i).reshape(leaf.shape)
+        jnp.cos(1.0 + 0.7 * jnp.arange(leaf.size, dtype=jnp.finfo(leaf.dtype).dtype) + 3.1 * i)
+        .astype(leaf.dtype)
+        .reshape(leaf.shape)
         for i, leaf in enumerate(leaves)
     ]
     u = jax.tree.unflatten(treedef, spread)
@@ -228,9 +231,11 @@ class GMRES(AbstractIterativeLinearSolver):
         x, r, beta = state
         dtype = tree_vdot(r, r).dtype
 
-        def project(basis, w):  # Vᵀ·w
+        def project(basis, w):  # Vᴴ·w = conj(Vᵀ·conj(w)) (conj is free on real arrays)
             return sum(
-                jnp.tensordot(vl.reshape(m + 1, -1), wl.reshape(-1), axes=1).astype(dtype)
+                jnp.conj(
+                    jnp.tensordot(vl.reshape(m + 1, -1), jnp.conj(wl).reshape(-1), axes=1)
+                ).astype(dtype)
                 for vl, wl in zip(jax.tree.leaves(basis), jax.tree.leaves(w))
             )
 
@@ -259,22 +264,27 @@ class GMRES(AbstractIterativeLinearSolver):
                 jnp.arange(m + 1, dtype=jnp.int32) == j + 1, h_next.astype(dtype), h + correction
             )
 
-            def rotate(i, h):  # the i-th Givens rotation on rows i, i + 1
+            # The i-th Givens rotation on rows i, i + 1: the unitary [[c, s], [−s̄, c̄]], with
+            # c = h̄_j / ρ and s = h̄_k / ρ (ρ = √(|h_j|² + |h_k|²)), which maps (h_j, h_k) to
+            # (ρ, 0); for real h, the usual real rotation.
+            def rotate(i, h):
                 hi, hk = lax.dynamic_slice_in_dim(h, i, 2)
-                rotated = jnp.stack([cs[i] * hi + sn[i] * hk, cs[i] * hk - sn[i] * hi])
+                c, s = cs[i], sn[i]
+                rotated = jnp.stack([c * hi + s * hk, jnp.conj(c) * hk - jnp.conj(s) * hi])
                 return lax.dynamic_update_slice_in_dim(h, rotated, i, 0)
 
             h = lax.fori_loop(0, j, rotate, h)
             hj, hk = lax.dynamic_slice_in_dim(h, j, 2)
-            radius = jnp.hypot(hj, hk)
+            radius = jnp.hypot(jnp.abs(hj), jnp.abs(hk))
             nonzero = radius > 0
-            c = jnp.where(nonzero, hj / jnp.where(nonzero, radius, 1), 1)
-            s = jnp.where(nonzero, hk / jnp.where(nonzero, radius, 1), 0)
+            safe = jnp.where(nonzero, radius, 1).astype(dtype)
+            c = jnp.where(nonzero, jnp.conj(hj) / safe, 1)
+            s = jnp.where(nonzero, jnp.conj(hk) / safe, 0)
             h = lax.dynamic_update_slice_in_dim(
-                h, jnp.stack([radius, jnp.zeros_like(radius)]), j, 0
+                h, jnp.stack([radius, jnp.zeros_like(radius)]).astype(dtype), j, 0
             )
             gj = g[j]
-            g = lax.dynamic_update_slice_in_dim(g, jnp.stack([c * gj, -s * gj]), j, 0)
+            g = lax.dynamic_update_slice_in_dim(g, jnp.stack([c * gj, -jnp.conj(s) * gj]), j, 0)
             columns = lax.dynamic_update_index_in_dim(columns, h[:m], j, 0)
             at_j = jnp.arange(m, dtype=jnp.int32) == j
             cs, sn = jnp.where(at_j, c, cs), jnp.where(at_j, s, sn)

@@ -33,7 +33,9 @@ from ._sharding import make_varying, tree_varying_axes, while_loop
 from ._termination import Tolerances, linear_threshold
 from ._tree import (
     PyTree,
+    accumulation_dtype,
     all_finite,
+    cast_to,
     check_like,
     least_precise_dtype,
     max_abs,
@@ -222,7 +224,8 @@ class Dense(AbstractLinearSolver):
         set_checked(self, "rtol", check_tolerance("Dense", "rtol", self.rtol))
 
     def solve(self, matvec, b):
-        dtype = real_dtype(b)  # LU in at least float32
+        # LU in at least float32, complex if a leaf of b is complex.
+        dtype = accumulation_dtype(widest(leaf.dtype for leaf in jax.tree.leaves(b)))
         flat_b, unravel = ravel(b, dtype)
         n = flat_b.size
         axes = tree_varying_axes(b, jax.eval_shape(matvec, b))
@@ -239,9 +242,9 @@ class Dense(AbstractLinearSolver):
         # float32/float64 tree is float32-accurate in its float32 rows).
         eps = jnp.finfo(least_precise_dtype(b)).eps
         rtol = eps ** (2 / 3) if self.rtol is None else self.rtol
-        rtol = jnp.asarray(rtol).astype(dtype)
+        rtol = jnp.asarray(rtol).astype(real_dtype(b))
         diagonal = jnp.abs(jnp.diagonal(lu))
-        nonsingular = jnp.all(diagonal > jnp.asarray(n * eps, dtype) * max_abs(diagonal))
+        nonsingular = jnp.all(diagonal > jnp.asarray(n * eps, diagonal.dtype) * max_abs(diagonal))
         backward = rtol * (safe_norm(matrix) * safe_norm(flat_x) + safe_norm(flat_b))
         finite = jnp.all(jnp.isfinite(flat_x)) & jnp.isfinite(residual)
         converged = finite & nonsingular & (residual <= backward)
@@ -285,3 +288,54 @@ def as_linear_solver(linear_solver: Any, owner: str = "linear_solver") -> Abstra
             f"Dense) or a callable linear_solver(matvec, b) -> x, got {linear_solver!r}."
         )
     return CallableLinearSolver(linear_solver)
+
+
+def complexified(matvec: Matvec, b: PyTree) -> tuple[Matvec, PyTree, Callable]:
+    """For b with both complex and real leaves: the system on the tree with every leaf complex,
+    and the map back to b's dtypes; otherwise (matvec, b, identity), at no cost.
+
+    On such a mixed tree A is only real-linear (a real leaf takes no imaginary part), while the
+    solvers' complex scalars need a complex-linear operator. The operator posed instead is A's
+    complex-linear extension, A_C(u + i·w) = A(u) + i·A(w) for u, w holding the real and
+    imaginary parts of the real leaves (the complex leaves go with u whole): two products per
+    product. A_C is complex-linear when A is complex-linear in the complex leaves and the real
+    leaves' rows do not depend on them (the residual holomorphic in x: a real-valued function
+    of complex arguments cannot be), and it agrees with A on the real leaves, so its solution
+    for a b of b's dtypes is A's. Otherwise the solve does not converge, and says so.
+    """
+    leaves = jax.tree.leaves(b)
+    kinds = [jnp.issubdtype(leaf.dtype, jnp.complexfloating) for leaf in leaves]
+    if all(kinds) or not any(kinds):
+        return matvec, b, lambda x: x
+    dtypes = [leaf.dtype for leaf in leaves]
+
+    def widen(tree: PyTree) -> PyTree:
+        return jax.tree.map(lambda leaf: leaf.astype(_complex_dtype(leaf.dtype)), tree)
+
+    def restore(tree: PyTree) -> PyTree:
+        return jax.tree.unflatten(
+            jax.tree.structure(tree),
+            [cast_to(leaf, d) for leaf, d in zip(jax.tree.leaves(tree), dtypes)],
+        )
+
+    def parts(tree: PyTree, imaginary: bool) -> PyTree:
+        def part(leaf, dtype, is_complex):
+            if is_complex:
+                return jnp.zeros(leaf.shape, dtype) if imaginary else leaf.astype(dtype)
+            return (jnp.imag(leaf) if imaginary else jnp.real(leaf)).astype(dtype)
+
+        flat = [part(*a) for a in zip(jax.tree.leaves(tree), dtypes, kinds)]
+        return jax.tree.unflatten(jax.tree.structure(tree), flat)
+
+    def extended(v: PyTree) -> PyTree:
+        real, imaginary = widen(matvec(parts(v, False))), widen(matvec(parts(v, True)))
+        return jax.tree.map(lambda u, w: u + (1j * w).astype(u.dtype), real, imaginary)
+
+    return extended, widen(b), restore
+
+
+def _complex_dtype(dtype: Any) -> Any:
+    """The complex dtype holding `dtype` (complex64 for float32 and narrower)."""
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.dtype(dtype)
+    return jnp.dtype(jnp.complex128 if jnp.dtype(dtype).itemsize > 4 else jnp.complex64)

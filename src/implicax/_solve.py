@@ -161,14 +161,19 @@ def root_solve(
     Args:
         fn: the residual, ``fn(x, params)``, returning a pytree with the structure, shapes and
             dtypes of x.
-        x0: initial guess (pytree of floating arrays); the solution keeps its dtypes.
+        x0: initial guess (pytree of floating or complex arrays); the solution keeps its
+            dtypes. For complex leaves, fn must be holomorphic in x (no conj, abs, real or
+            imag of x; params may enter in any way), and real leaves' residuals may depend
+            on real leaves only: the tangent and adjoint systems are solved as
+            complex-linear. Otherwise those solves are reported as not converged (never
+            silently wrong); pass such an x as a pair of real arrays (real, imaginary).
         params: any pytree of arrays that fn depends on.
         solver: forward solver: `Newton` (default), `Broyden`, `Anderson`,
             `FixedPointIteration`, your subclass of `AbstractForwardSolver`, or any callable
             ``solver(fn, x0, params) -> x`` (never differentiated, so it may be a host
             callback). Its tolerances may be traced arrays.
         linear_solver: for the tangent and adjoint systems: `BiCGStab` (default), `GMRES`,
-            `CG` (for symmetric positive definite ∂F/∂x), `Neumann`, `Dense`, your subclass of
+            `CG` (for symmetric, or Hermitian, positive definite ∂F/∂x), `Neumann`, `Dense`, your subclass of
             `AbstractLinearSolver`, or any callable ``linear_solver(matvec, b) -> x`` on
             pytrees.
         on_failure: when a forward or linear solve does not converge: ``"warn"`` (default; a
@@ -218,7 +223,8 @@ def fixed_point_solve(
 
     Args:
         fn: the map, ``fn(x, params)``, returning a pytree like x.
-        x0: initial guess; the solution keeps its structure and dtypes.
+        x0: initial guess (floating or complex arrays); the solution keeps its structure
+            and dtypes. For complex leaves fn must be holomorphic in x; see `root_solve`.
         params: any pytree of arrays that fn depends on.
         solver: `FixedPointIteration` (default), `Anderson`, `Broyden`, `Newton`, your
             subclass of `AbstractForwardSolver`, or any callable ``solver(fn, x0, params) -> x``.

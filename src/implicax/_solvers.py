@@ -11,7 +11,7 @@ from jax import lax
 
 from ._forward import AbstractForwardSolver, Problem, Progress
 from ._krylov import BiCGStab
-from ._linear import AbstractLinearSolver, as_linear_solver
+from ._linear import AbstractLinearSolver, as_linear_solver, complexified
 from ._options import (
     check_fraction,
     check_nonnegative,
@@ -45,6 +45,12 @@ class _Flat:
 def _set_row(buffer: jax.Array, i: Any, row: jax.Array) -> jax.Array:
     """buffer[i] = row, as an in-place dynamic-update-slice (no copy of the buffer)."""
     return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), i, 0)
+
+
+def _adjoint_times(rows: jax.Array, v: jax.Array) -> jax.Array:
+    """conj(rows)·v, the inner products ⟨row_i, v⟩, as conj(rows·conj(v)): conjugating the
+    vector, not the (history, n) buffer. Free for real arrays (conj is the identity)."""
+    return jnp.conj(rows @ jnp.conj(v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +87,7 @@ class _AndersonState(NamedTuple):
     x: jax.Array  # the next point at which g is evaluated
     xs: jax.Array  # (history, n): past points
     fs: jax.Array  # (history, n): their g(x) − x
-    gram: jax.Array  # (history, history): fs·fsᵀ, one row updated per step
+    gram: jax.Array  # (history, history): conj(fs)·fsᵀ (Hermitian), one row updated per step
     count: jax.Array  # steps taken
 
 
@@ -130,9 +136,9 @@ class Anderson(AbstractForwardSolver):
         f = gx - x
         slot = count % m
         xs, fs = _set_row(xs, slot, x), _set_row(fs, slot, f)
-        row = fs @ f
-        gram = _set_row(gram, slot, row)
-        gram = lax.dynamic_update_index_in_dim(gram, row[:, None], slot, 1)
+        column = _adjoint_times(fs, f)  # ⟨f_i, f⟩
+        gram = _set_row(gram, slot, jnp.conj(column))
+        gram = lax.dynamic_update_index_in_dim(gram, column[:, None], slot, 1)
         active = jnp.arange(m, dtype=jnp.int32) < jnp.minimum(count + 1, m)
         alpha = _anderson_weights(gram, active, self.regularization)
         x_next = alpha @ xs + self.damping * (alpha @ fs)
@@ -144,7 +150,7 @@ class Anderson(AbstractForwardSolver):
 
 
 def _anderson_weights(gram: jax.Array, active: jax.Array, regularization: float) -> jax.Array:
-    """argmin_α αᵀ(G + λI)α subject to Σα = 1 and α_i = 0 for inactive i.
+    """argmin_α αᴴ(G + λI)α subject to Σα = 1 and α_i = 0 for inactive i (G Hermitian).
 
     Solved through the bordered system [[0, 1ᵀ], [1, G + λI]]·[ν; α] = [1; 0], with the rows of
     inactive entries replaced by α_i = 0. G is scaled to unit diagonal maximum first, so the
@@ -152,9 +158,9 @@ def _anderson_weights(gram: jax.Array, active: jax.Array, regularization: float)
     """
     m = gram.shape[0]
     mask = active[:, None] & active[None, :]
-    diagonal = jnp.where(active, jnp.diagonal(gram), 0)
+    diagonal = jnp.where(active, jnp.real(jnp.diagonal(gram)), 0)  # ‖f_i‖², real
     scale = jnp.max(diagonal)
-    scale = jnp.where(scale > 0, scale, 1)
+    scale = jnp.where(scale > 0, scale, 1).astype(gram.dtype)
     eye = jnp.eye(m, dtype=gram.dtype)
     inner = jnp.where(mask, gram / scale + regularization * eye, eye)
     ones = active.astype(gram.dtype)
@@ -173,7 +179,7 @@ def _anderson_weights(gram: jax.Array, active: jax.Array, regularization: float)
 class _BroydenState(NamedTuple):
     x: jax.Array
     fx: jax.Array  # F(x)
-    us: jax.Array  # (history, n): H = I + Σ_{i < count} u_i v_iᵀ
+    us: jax.Array  # (history, n): H = I + Σ_{i < count} u_i v_iᴴ
     vs: jax.Array
     count: jax.Array  # rank-one updates in the current cycle
 
@@ -182,7 +188,7 @@ class _BroydenState(NamedTuple):
 class Broyden(AbstractForwardSolver):
     """Limited-memory "good" Broyden method on F(x) = 0.
 
-    Keeps an approximate inverse Jacobian H = I + Σ u_i v_iᵀ (starting from the identity, so the
+    Keeps an approximate inverse Jacobian H = I + Σ u_i v_iᴴ (starting from the identity, so the
     first step is a fixed-point step), steps x ← x − damping·H·F(x), and updates H by the
     Sherman–Morrison form of Broyden's rank-one update, so that the new H maps the change in F
     to the step taken (the secant condition). When `history` updates are stored it restarts
@@ -213,13 +219,13 @@ class Broyden(AbstractForwardSolver):
         flat = _Flat(problem)
         x, fx, us, vs, count = state
 
-        def apply(v, count):  # H·v = v + Σ_i u_i (v_i·v), over the active slots
+        def apply(v, count):  # H·v = v + Σ_i u_i ⟨v_i, v⟩, over the active slots
             active = jnp.arange(self.history, dtype=jnp.int32) < count
-            return v + jnp.where(active, vs @ v, 0) @ us
+            return v + jnp.where(active, _adjoint_times(vs, v), 0) @ us
 
-        def apply_transpose(v, count):  # Hᵀ·v = v + Σ_i v_i (u_i·v)
+        def apply_adjoint(v, count):  # Hᴴ·v = v + Σ_i v_i ⟨u_i, v⟩
             active = jnp.arange(self.history, dtype=jnp.int32) < count
-            return v + jnp.where(active, us @ v, 0) @ vs
+            return v + jnp.where(active, _adjoint_times(us, v), 0) @ vs
 
         direction = -apply(fx, count)
         step = self.damping * direction
@@ -229,14 +235,14 @@ class Broyden(AbstractForwardSolver):
         # computed with the H it is applied to and the secant condition holds right after.
         count = jnp.where(count >= self.history, 0, count)
         h_df = apply(f_new - fx, count)
-        denominator = step @ h_df
+        denominator = jnp.vdot(step, h_df)  # ⟨step, H·Δf⟩
         usable = jnp.abs(denominator) > jnp.finfo(flat.dtype).tiny ** 0.5
         u = (step - h_df) / jnp.where(usable, denominator, 1)
         us = _set_row(us, count, jnp.where(usable, u, us[count]))
-        # Hᵀ·step after writing row `count` of us, which the mask (< count) leaves out: read
+        # Hᴴ·step after writing row `count` of us, which the mask (< count) leaves out: read
         # after the write, the old us need not be kept, so the write is in place (before it,
         # XLA kept a copy of us: three vectors per slot instead of two).
-        v = apply_transpose(step, count)
+        v = apply_adjoint(step, count)
         vs = _set_row(vs, count, jnp.where(usable, v, vs[count]))
         state = _BroydenState(x_new, f_new, us, vs, count + usable.astype(jnp.int32))
         return state, Progress(flat.unravel(x_new), flat.unravel(f_new), flat.unravel(direction))
@@ -276,7 +282,9 @@ class Newton(AbstractForwardSolver):
     def step(self, problem, state):
         x, fx = state
         _, jvp = jax.linearize(problem.residual, x)
-        delta, stats = self.linear_solver.solve(jvp, tree_scale(-1, fx))
+        jvp, rhs, restore = complexified(jvp, tree_scale(-1, fx))
+        delta, stats = self.linear_solver.solve(jvp, rhs)
+        delta = restore(delta)
         x = tree_axpy(self.damping, delta, x)
         fx = problem.residual(x)
         return _NewtonState(x, fx), Progress(x, fx, delta, ~stats.converged)

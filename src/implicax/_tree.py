@@ -161,18 +161,20 @@ def ravel(tree: PyTree, dtype: Any = None) -> tuple[jax.Array, Callable[[jax.Arr
     shapes = [jnp.shape(leaf) for leaf in leaves]
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
     splits = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1].tolist()
-    flat = jnp.concatenate([_astype(jnp.ravel(leaf), dtype) for leaf in leaves])
+    flat = jnp.concatenate([cast_to(jnp.ravel(leaf), dtype) for leaf in leaves])
 
     def unravel(vector: jax.Array) -> PyTree:
         parts = jnp.split(vector, splits) if splits else [vector]
         return treedef.unflatten(
-            [_astype(p, d).reshape(s) for p, d, s in zip(parts, dtypes, shapes)]
+            [cast_to(p, d).reshape(s) for p, d, s in zip(parts, dtypes, shapes)]
         )
 
     return flat, unravel
 
 
-def _astype(x: jax.Array, dtype: Any) -> jax.Array:
+def cast_to(x: jax.Array, dtype: Any) -> jax.Array:
+    """x in `dtype`; a complex x cast to a real dtype keeps its real part (explicitly, as
+    `astype` does with a ComplexWarning)."""
     if jnp.issubdtype(x.dtype, jnp.complexfloating) and not jnp.issubdtype(
         dtype, jnp.complexfloating
     ):
@@ -189,14 +191,15 @@ def least_precise_dtype(tree: PyTree) -> Any:
 def check_floating(
     tree: PyTree, name: str, hint: str = "Cast it, e.g. .astype(jnp.float32)."
 ) -> None:
-    """Raise a TypeError naming the first leaf of `tree` that is not floating point."""
+    """Raise a TypeError naming the first leaf of `tree` that is neither real floating point
+    nor complex (complex64, complex128), or is an 8-bit float."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = jnp.result_type(leaf)
         where = jax.tree_util.keystr(path) or "(root)"
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"{name} must hold floating-point arrays (the solution keeps its dtype); at "
-                f"{where} got {dtype}. {hint}"
+                f"{name} must hold floating-point arrays (real or complex; the solution keeps "
+                f"its dtype); at {where} got {dtype}. {hint}"
             )
         if dtype.itemsize < 2:
             raise TypeError(
