@@ -67,7 +67,7 @@ def _barrier_forgets_solve_errors() -> None:
         return
     tokens = getattr(dispatch, "RuntimeTokenSet", None)
     wait = getattr(tokens, "block_until_ready", None)
-    if wait is None or getattr(wait, "_implicax", False):
+    if tokens is None or wait is None or getattr(wait, "_implicax", False):
         return
 
     def block_until_ready(self):

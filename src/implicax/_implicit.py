@@ -159,14 +159,15 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
     complex_x = any(jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(b))
     hint = " of a complex x (fn must be holomorphic in x)" if complex_x else ""
 
-    def reporting(solver, view=lambda solve: solve):
+    def reporting(solver, view=lambda solve: solve):  # (solve, transpose_solve)
         tangent = _reporting(solver, report, what("tangent linear solve") + hint)
         adjoint = _reporting(solver, report, what("adjoint linear solve") + hint)
-        return {"solve": view(tangent), "transpose_solve": view(adjoint)}
+        return view(tangent), view(adjoint)
 
     matvec, b, restore = complexified(matvec, b)
     if len(jax.tree.leaves(b)) == 1:  # (then not a mixed tree: nothing to restore)
-        return lax.custom_linear_solve(matvec, b, **reporting(linear_solver))
+        tangent, adjoint = reporting(linear_solver)
+        return lax.custom_linear_solve(matvec, b, solve=tangent, transpose_solve=adjoint)
     flat_b, unravel = ravel(b)
 
     def as_vector(tree: PyTree) -> jax.Array:
@@ -180,14 +181,11 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
         return solve
 
     vector_solver = _for_vectors(linear_solver, b, as_vector, unravel)
+    tangent, adjoint = (
+        reporting(linear_solver, on_trees) if vector_solver is None else reporting(vector_solver)
+    )
     flat_x = lax.custom_linear_solve(
-        lambda v: as_vector(matvec(unravel(v))),
-        flat_b,
-        **(
-            reporting(linear_solver, on_trees)
-            if vector_solver is None
-            else reporting(vector_solver)
-        ),
+        lambda v: as_vector(matvec(unravel(v))), flat_b, solve=tangent, transpose_solve=adjoint
     )
     return restore(unravel(flat_x))
 

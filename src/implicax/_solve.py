@@ -30,7 +30,7 @@ from ._sharding import make_varying, varying_axes
 from ._solvers import FixedPointIteration, Newton
 from ._tree import PyTree, check_floating, check_like
 
-ForwardSolver = AbstractForwardSolver | Callable[..., Any]
+ForwardSolver = AbstractForwardSolver | CallableSolver | Callable[..., Any]
 LinearSolver = AbstractLinearSolver | Callable[..., Any]
 
 
