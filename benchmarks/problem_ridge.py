@@ -177,7 +177,8 @@ def build_candidates(prob: RidgeProblem, plain_steps: int, profile: str) -> list
             if isinstance(forward_solver, implicax.Newton):
                 forward_solver = dataclasses.replace(forward_solver, linear_solver=linear_solver)
             else:
-                forward_solver = functools.partial(forward_solver, max_steps=max_steps)
+                step = functools.partial(forward_solver.function, max_steps=max_steps)
+                forward_solver = dataclasses.replace(forward_solver, function=step)
 
         def solve(lam):
             w, stats = implicax.root_solve(
@@ -203,7 +204,8 @@ def build_candidates(prob: RidgeProblem, plain_steps: int, profile: str) -> list
     variants = [
         (
             "implicax CG step + CG",
-            one_cg_newton_step,
+            # Checked at the tolerance of the Newton variant below (its defaults are tighter).
+            implicax.CallableSolver(one_cg_newton_step, rtol=tol, atol=tol),
             f"root_solve, solver=callable: one Newton step by CG(rtol=atol={tol:g}) (exact for "
             f"affine F), linear_solver=CG(rtol=atol={tol:g})",
         ),

@@ -401,6 +401,28 @@ def test_callable_solver_options_are_checked(bad, error, match):
         implicax.CallableSolver(*bad)
 
 
+def _one_richardson_step(matvec, b):
+    return b  # x = b: for A = I − J, the residual is J·b
+
+
+def test_a_callable_linear_solver_is_checked_on_its_true_residual():
+    # Before: converged meant finite, so a poor adjoint passed as the derivative.
+    def loss(p, linear_solver):
+        cell = lambda x, p: 0.5 * x + p  # noqa: E731  (A = 0.5·I; x = b leaves 0.5·|b|)
+        return jnp.sum(
+            implicax.fixed_point_solve(cell, jnp.zeros(3), p, linear_solver=linear_solver)
+        )
+
+    with pytest.warns(RuntimeWarning, match=r"adjoint linear solve did not converge \(residual"):
+        jax.grad(loss)(1.0, _one_richardson_step)
+    loose = implicax.CallableLinearSolver(_one_richardson_step, rtol=0.6)  # 0.5·‖b‖ passes
+    np.testing.assert_allclose(jax.grad(loss)(1.0, loose), 3.0)  # 3·x̄ with x = b: off by 2×
+    exact = lambda matvec, b: implicax.GMRES()(matvec, b)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss)(1.0, exact), 6.0, rtol=1e-10)  # 3 / (1 − 0.5)
+    with pytest.raises(ValueError, match="rtol must be finite and >= 0"):
+        implicax.CallableLinearSolver(_one_richardson_step, rtol=-1.0)
+
+
 _LINEAR = jnp.array([[0.5, 0.3], [-0.2, 0.4]])
 
 

@@ -14,6 +14,7 @@ from ._krylov import Neumann as Neumann
 from ._linear import AbstractIterativeLinearSolver as AbstractIterativeLinearSolver
 from ._linear import AbstractLinearSolver as AbstractLinearSolver
 from ._linear import Budget as Budget
+from ._linear import CallableLinearSolver as CallableLinearSolver
 from ._linear import Dense as Dense
 from ._solve import fixed_point_solve as fixed_point_solve
 from ._solve import root_solve as root_solve
@@ -33,6 +34,7 @@ __all__ = [
     "Broyden",
     "Budget",
     "CG",
+    "CallableLinearSolver",
     "CallableSolver",
     "Dense",
     "FailurePolicy",

@@ -30,7 +30,7 @@ import jax.scipy.linalg as jsl
 from ._failure import SolveStats, make_stats
 from ._options import check_instance, check_tolerance, dynamic_field, register, set_checked
 from ._sharding import make_varying, tree_varying_axes, while_loop
-from ._termination import Tolerances, linear_threshold
+from ._termination import Tolerances, linear_threshold, resolve
 from ._tree import (
     PyTree,
     accumulation_dtype,
@@ -253,10 +253,34 @@ class Dense(AbstractLinearSolver):
 
 @dataclasses.dataclass(frozen=True)
 class CallableLinearSolver(AbstractLinearSolver):
-    """A user's ``linear_solver(matvec, b) -> x``. Its own tolerance is unknown, so converged
-    means x is finite; `SolveStats.residual_norm` is the true ‖b − A·x‖₂, from one product."""
+    """A linear solver of yours given as a function, ``function(matvec, b) -> x`` on pytrees,
+    and the tolerance its result is checked against.
+
+    A bare callable passed as ``linear_solver=`` is wrapped in ``CallableLinearSolver(callable)``;
+    wrap it yourself to set the tolerance. Its x is converged when it is finite and its true
+    residual, from one more product, meets the built-in solvers' test
+    ‖b − A·x‖₂ ≤ atol + rtol·‖b‖₂ (defaults: rtol = eps**(2/3) of b's least precise dtype,
+    atol = 0; they may be traced arrays). `SolveStats.steps` is −1.
+
+    Attributes:
+        function: the solver, ``function(matvec, b) -> x`` with x like b.
+        rtol: relative tolerance of the check (None: the default).
+        atol: absolute tolerance of the check, in b's units (None: 0).
+    """
 
     function: Callable[[Matvec, PyTree], PyTree]
+    rtol: Any = dynamic_field(None)
+    atol: Any = dynamic_field(None)
+
+    def __post_init__(self):
+        check_instance("CallableLinearSolver", "function", self.function)
+        if not callable(self.function):
+            raise TypeError(
+                "CallableLinearSolver: function must be callable as function(matvec, b) -> x, "
+                f"got {self.function!r}."
+            )
+        set_checked(self, "rtol", check_tolerance("CallableLinearSolver", "rtol", self.rtol))
+        set_checked(self, "atol", check_tolerance("CallableLinearSolver", "atol", self.atol))
 
     def solve(self, matvec, b):
         x = self.function(matvec, b)
@@ -272,9 +296,11 @@ class CallableLinearSolver(AbstractLinearSolver):
                 f"{jax.tree.structure(x)}, expected {jax.tree.structure(b)}.{hint}"
             )
         check_like(x, b, "linear_solver(matvec, b)", "b")
+        rtol, atol = resolve(self.rtol, self.atol, b, atol_default_is_rtol=False)
         residual = safe_norm(tree_sub(b, matvec(x)))
-        finite = all_finite(x)
-        return x, make_stats(-1, residual, finite, ~finite)
+        finite = all_finite(x) & jnp.isfinite(residual)
+        converged = finite & (residual <= linear_threshold(safe_norm(b), rtol, atol))
+        return x, make_stats(-1, residual, converged, ~finite)
 
 
 def as_linear_solver(linear_solver: Any, owner: str = "linear_solver") -> AbstractLinearSolver:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from ._forward import CallableSolver
 from ._krylov import GMRES, Neumann
+from ._linear import CallableLinearSolver
 from ._solve import fixed_point_solve
 from ._solve import root_solve as _root_solve
 from ._solvers import FixedPointIteration
@@ -111,8 +112,8 @@ def root_solve(
     and ``rev_solver(matvec, b) -> (x, info)``, like `jax.scipy.sparse.linalg.gmres` (the
     default, here implicax's `GMRES`), solves the derivative's linear systems: the transposed
     one in reverse mode (as in fax), the Jacobian's own in forward mode, at every order.
-    The root is checked against a tolerance of sqrt(eps) of the dtype, and a failure is
-    reported (a warning) like any implicax solve's.
+    The root and rev_solver's solutions are checked against a tolerance of sqrt(eps) of the
+    dtype, and a failure is reported (a warning) like any implicax solve's.
 
     Returns:
         x with ``func(x, params) == 0``.
@@ -124,7 +125,9 @@ def root_solve(
         )
     linear_solver: Any = GMRES()
     if rev_solver is not None:
-        linear_solver = lambda matvec, b: rev_solver(matvec, b)[0]  # noqa: E731
+        linear_solver = CallableLinearSolver(
+            lambda matvec, b: rev_solver(matvec, b)[0], rtol=_fax_tolerance(init_xs)
+        )
     return _root_solve(
         func,
         init_xs,
@@ -135,11 +138,16 @@ def root_solve(
 
 
 def _fax_solver(function: Callable, init_xs: Any) -> CallableSolver:
-    """A fax solver's result, checked at sqrt(eps) of the dtype (float64: 1.5e-8): fax's
-    solvers stop on a small step (its default: 1e-10 relative and absolute), which leaves a
-    residual above implicax's default tolerance but far below a failed solve's."""
+    """A fax solver, its result checked at `_fax_tolerance`."""
+    return CallableSolver(function, rtol=_fax_tolerance(init_xs))
+
+
+def _fax_tolerance(init_xs: Any) -> float:
+    """sqrt(eps) of the dtype (float64: 1.5e-8): fax's solvers stop on a small step (its
+    default: 1e-10 relative and absolute), which leaves a residual above implicax's default
+    tolerance but far below a failed solve's."""
     dtype = least_precise_dtype(jax.tree.map(jnp.asarray, init_xs))
-    return CallableSolver(function, rtol=float(jnp.finfo(dtype).eps) ** 0.5)
+    return float(jnp.finfo(dtype).eps) ** 0.5
 
 
 def _as_fixed_point(fax_solver: Callable, matvec: Callable, b: Any) -> Any:
