@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ._failure import SolveStats, make_stats
-from ._options import check_instance, check_tolerance, dynamic_field, register, set_checked
+from ._options import check_function, check_tolerance, dynamic_field, register, set_checked
 from ._sharding import tree_varying_axes, while_loop
 from ._termination import Tolerances, forward_test, resolve, start_converged
 from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub, tree_zeros_like
@@ -166,12 +166,7 @@ class CallableSolver:
     atol: Any = dynamic_field(None)
 
     def __post_init__(self):
-        check_instance("CallableSolver", "function", self.function)
-        if not callable(self.function):
-            raise TypeError(
-                "CallableSolver: function must be callable as function(fn, x0, params) -> x, "
-                f"got {self.function!r}."
-            )
+        check_function("CallableSolver", self.function, "function(fn, x0, params) -> x")
         set_checked(self, "rtol", check_tolerance("CallableSolver", "rtol", self.rtol))
         set_checked(self, "atol", check_tolerance("CallableSolver", "atol", self.atol))
 

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from ._failure import SolveStats, make_stats
-from ._options import check_instance, check_tolerance, dynamic_field, register, set_checked
+from ._options import (
+    check_function,
+    check_instance,
+    check_tolerance,
+    dynamic_field,
+    register,
+    set_checked,
+)
 from ._sharding import make_varying, tree_varying_axes, while_loop
 from ._termination import Tolerances, linear_threshold, resolve
 from ._tree import (
@@ -273,12 +280,7 @@ class CallableLinearSolver(AbstractLinearSolver):
     atol: Any = dynamic_field(None)
 
     def __post_init__(self):
-        check_instance("CallableLinearSolver", "function", self.function)
-        if not callable(self.function):
-            raise TypeError(
-                "CallableLinearSolver: function must be callable as function(matvec, b) -> x, "
-                f"got {self.function!r}."
-            )
+        check_function("CallableLinearSolver", self.function, "function(matvec, b) -> x")
         set_checked(self, "rtol", check_tolerance("CallableLinearSolver", "rtol", self.rtol))
         set_checked(self, "atol", check_tolerance("CallableLinearSolver", "atol", self.atol))
 

@@ -154,6 +154,13 @@ def check_instance(owner: str, field: str, value: Any) -> None:
         )
 
 
+def check_function(owner: str, value: Any, signature: str) -> None:
+    """The `function` field of a wrapper of a user's solver: an instance, callable."""
+    check_instance(owner, "function", value)
+    if not callable(value):
+        raise TypeError(f"{owner}: function must be callable as {signature}, got {value!r}.")
+
+
 def check_callable(owner: str, field: str, value: Any, signature: str) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{owner}: {field} must be None or a callable {signature}, got {value!r}.")
