@@ -19,7 +19,14 @@ import jax.numpy as jnp
 from ._failure import SolveStats, make_stats
 from ._options import check_function, check_tolerance, dynamic_field, register, set_checked
 from ._sharding import tree_varying_axes, while_loop
-from ._termination import Tolerances, forward_test, resolve, start_converged
+from ._termination import (
+    Tolerances,
+    forward_test,
+    forward_verdict,
+    resolve,
+    root_code,
+    start_converged,
+)
 from ._tree import PyTree, all_finite, max_abs, real_dtype, tree_sub, tree_zeros_like
 
 
@@ -101,28 +108,23 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
         dtype = real_dtype(x0)
         if problem.fixed_point:
             initial = jnp.zeros((), dtype)  # unused: a fixed point's test needs no start
-            converged = jnp.zeros((), jnp.bool_)
+            code = jnp.ones((), jnp.float32)  # not yet converged
         else:
             initial = max_abs(problem.residual(x0)).astype(dtype)
-            converged = start_converged(initial, initial, rtol, atol)
-        carry = (
-            self.init(problem, x0),
-            x0,
-            initial,
-            converged,
-            jnp.isfinite(initial),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-        )
+            code = root_code(start_converged(initial, initial, rtol, atol), initial)
+        # The loop carries the test's raw code and size (see `forward_test`), which the
+        # condition and the exit read: every scalar computed in the body is a kernel of its own.
+        zero = jnp.zeros((), jnp.int32)
+        carry = (self.init(problem, x0), x0, code, initial, zero, zero)  # steps, failures
 
         def cond(carry):
-            *_, converged, finite, steps, _ = carry
-            return ~converged & finite & (steps < max_steps)
+            _, _, code, _, steps, _ = carry
+            return (code == 1) & (steps < max_steps)
 
         def body(carry):
-            state, *_, steps, failures = carry
+            state, _, _, _, steps, failures = carry
             state, progress = self.step(problem, state)
-            converged, finite, size = forward_test(
+            code, size = forward_test(
                 problem.fixed_point,
                 progress.residual,
                 progress.step,
@@ -132,11 +134,11 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
                 atol,
             )
             failures = failures + jnp.asarray(progress.inner_failed, jnp.int32)
-            size = size.astype(dtype)
-            return state, progress.x, size, converged & finite, finite, steps + 1, failures
+            return state, progress.x, code, size.astype(dtype), steps + 1, failures
 
         axes = tree_varying_axes(x0)
-        _, x, size, converged, finite, steps, failures = while_loop(cond, body, carry, axes)
+        _, x, code, size, steps, failures = while_loop(cond, body, carry, axes)
+        converged, finite, size = forward_verdict(code, size)
         finite = finite & all_finite(x)  # x itself is checked once, at exit
         return x, make_stats(steps, size, converged & finite, ~finite, failures)
 
@@ -180,9 +182,10 @@ class CallableSolver:
             initial = jnp.where(jnp.isfinite(initial), initial, 0)
         # The test of the driver's last step; a callable reports no step, so that part
         # (the step's size for a root) checks zeros and passes.
-        converged, finite, size = forward_test(
+        code, size = forward_test(
             problem.fixed_point, problem.residual(x), tree_zeros_like(x), x, initial, rtol, atol
         )
+        converged, finite, size = forward_verdict(code, size)
         finite = finite & all_finite(x)
         return make_stats(-1, size.astype(dtype), converged & finite, ~finite)
 

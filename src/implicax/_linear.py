@@ -148,7 +148,7 @@ class AbstractIterativeLinearSolver(Tolerances, AbstractLinearSolver):
         # One product of the budget is kept for the check that ends each round.
         limit = max_steps - 1
 
-        def iterate(r, used):  # the method on A·δ = r from δ = 0, until its estimate stops it
+        def iterate(r, state, estimate, used):  # the method on A·δ = r from δ = 0
             def cond(carry):
                 _, estimate, used = carry
                 return Budget(threshold, limit).keep_going(estimate, used)
@@ -159,29 +159,31 @@ class AbstractIterativeLinearSolver(Tolerances, AbstractLinearSolver):
                 state, estimate, products = self.step(matvec, r, state, budget)
                 return state, estimate.astype(norm_b.dtype), used + products
 
-            state, _, used = while_loop(
-                cond, body, (self.init(matvec, r), tree_norm(r), used), axes
-            )
+            state, _, used = while_loop(cond, body, (state, estimate, used), axes)
             return self.solution(state), used
 
         # Rounds of the method, each verified on the true residual with one product. A round
         # whose estimate drifted below the threshold while the true residual did not follow
-        # is followed by another one on the true residual (iterative refinement).
+        # is followed by another one on the true residual (iterative refinement). The next
+        # round's state is made beside the residual, so that XLA shares what both compute.
         def round_cond(carry):
-            _, _, residual, used, rounds = carry
+            *_, residual, used, rounds = carry
             keep_going = Budget(threshold, max_steps).keep_going(residual, used)
             return keep_going & (rounds < _ROUNDS)
 
         def round_body(carry):
-            x, r, _, used, rounds = carry
-            delta, used = iterate(r, used)
+            x, r, state, residual, used, rounds = carry
+            delta, used = iterate(r, state, residual, used)
             x = tree_add(x, delta)
             r = tree_sub(unit_b, matvec(x))
-            return x, r, tree_norm(r), used + 1, rounds + 1
+            return x, r, self.init(matvec, r), tree_norm(r), used + 1, rounds + 1
 
         zero = jnp.zeros((), jnp.int32)
-        init = (tree_zeros_like(unit_b), unit_b, norm_b, zero, zero)
-        unit_x, _, residual, used, _ = while_loop(round_cond, round_body, init, axes)
+        start = self.init(matvec, unit_b)
+        init = (tree_zeros_like(unit_b), unit_b, start, norm_b, zero, zero)
+        unit_x, _, _, residual, used, _ = while_loop(round_cond, round_body, init, axes)
+        # A non-finite true residual (a NaN or inf in b or A) makes x NaN too: it is no answer.
+        scale = jnp.where(jnp.isfinite(residual), scale, jnp.nan)
         x = jax.tree.map(lambda leaf: _times(leaf, scale), unit_x)
         finite = all_finite(x) & jnp.isfinite(scale * residual)  # scaled back: may overflow
         stats = make_stats(used, scale * residual, finite & (residual <= threshold), ~finite)
@@ -194,13 +196,14 @@ _ROUNDS = 4
 
 
 def _scaled(b: PyTree) -> tuple[jax.Array, PyTree]:
-    """(s, b / s) with s a power of two within a factor 2 of max|b| (exact scaling); s = 1 for
-    b = 0. A non-finite b gives s = NaN or inf, so that x comes back non-finite (reported)."""
-    largest = max_abs(b)
+    """(s, b / s) with s a power of two within a factor 2 of max|b| (exact scaling); s = 1
+    where max|b| is 0 or not finite. A non-finite b stays non-finite, and the norms and the
+    true residual, sums that keep NaN and inf, tell (the max, which may drop a NaN, only
+    scales)."""
+    largest = max_abs(b, finite=jnp.ones((), jnp.bool_))
     usable = (largest > 0) & jnp.isfinite(largest)
     scale = jnp.where(usable, jnp.exp2(jnp.floor(jnp.log2(jnp.where(usable, largest, 1)))), 1)
-    scale = jnp.where(jnp.isfinite(largest), scale, largest)
-    unit = jax.tree.map(lambda leaf: _times(leaf, 1 / jnp.where(usable, scale, 1)), b)
+    unit = jax.tree.map(lambda leaf: _times(leaf, 1 / scale), b)
     return scale, unit
 
 

@@ -88,9 +88,10 @@ def forward_test(
     initial_size: jax.Array,
     rtol: jax.Array,
     atol: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(converged, finite, size): whether a forward solve has converged at x (never for NaN),
-    whether its residual is finite, and the residual's max-abs (NaN-safe).
+) -> tuple[jax.Array, jax.Array]:
+    """(code, size): whether a forward solve has converged at x, as a float32 code (0: it
+    has, never for NaN; 1: not yet; 2: its residual is not finite), and the residual's
+    max-abs, exact where code < 2 (`forward_verdict` reads both).
 
     ``residual`` is F at the iterate the solver last evaluated, ``step`` the solver's last
     full (undamped) step, and ``initial_size`` = max|F(x0)|.
@@ -104,12 +105,24 @@ def forward_test(
     residual is converged, also with atol = 0 where components of x are zero.
     """
     if fixed_point:
-        code = within_code(residual, x, rtol, atol)  # decides convergence and finiteness;
-        # the reported size is one more plain max (the old loop's two reductions, NaN-safe)
-        return code == 0, code < 2, max_abs(residual, finite=code < 2)
+        # One NaN-safe pass decides convergence and finiteness; the size is one more plain
+        # max (the old loop's two reductions), which may drop a NaN where code = 2.
+        return within_code(residual, x, rtol, atol), max_abs(residual, finite=True)
     size = max_abs(residual)
     converged = all_within(step, x, rtol, atol) & start_converged(size, initial_size, rtol, atol)
-    return converged | (size == 0), jnp.isfinite(size), size
+    return root_code(converged | (size == 0), size), size
+
+
+def root_code(converged: jax.Array, size: jax.Array) -> jax.Array:
+    """The code of `forward_test` for a root's test result and residual size."""
+    return jnp.where(jnp.isfinite(size), jnp.where(converged, 0, 1), 2).astype(jnp.float32)
+
+
+def forward_verdict(code: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(converged, finite, size) from `forward_test`'s code and size, the size NaN where the
+    residual was not finite (unless it was inf)."""
+    finite = code < 2
+    return code == 0, finite, jnp.where(finite | (size == jnp.inf), size, jnp.nan)
 
 
 def start_converged(size: jax.Array, initial_size: jax.Array, rtol, atol) -> jax.Array:

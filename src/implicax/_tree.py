@@ -8,6 +8,7 @@ which are False for NaN.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -88,15 +89,20 @@ def max_abs(x: PyTree, finite: jax.Array | None = None) -> jax.Array:
 
 
 def all_finite(x: PyTree) -> jax.Array:
-    """Whether every entry of every leaf is finite (True for an empty tree)."""
-    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.ones((), jnp.bool_)
+    """Whether every entry of every leaf is finite (True for an empty tree).
+
+    Σ x_i·0 is 0 unless an entry is NaN or inf: one floating sum per leaf (a sum never drops a
+    NaN), where ``all(isfinite(x))`` costs XLA three kernels per leaf, each compiled apart.
+    """
+    # (x_i·0 of a complex x_i is NaN in both parts when either is not finite.)
+    sums = [jnp.real(jnp.sum(leaf * 0)).astype(jnp.float32) for leaf in jax.tree.leaves(x)]
+    return jnp.isfinite(sum(sums[1:], sums[0])) if sums else jnp.ones((), jnp.bool_)
 
 
 def within_code(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) -> jax.Array:
     """The componentwise test |error_i| ≤ atol + rtol·|scale_i| as one max over per-entry
-    codes, returned as an int32: 0 if every entry passes, 1 if some fails and all of error is
-    finite, 2 if an entry of error is NaN or inf (unless its bound is inf).
+    codes, returned as a float32: 0 if every entry passes, 1 if some fails and all of error
+    is finite, 2 if an entry of error is NaN or inf (unless its bound is inf).
 
     A comparison, not a ratio: an exact zero passes also with atol = 0 and scale_i = 0. The
     reduced values are the codes, never NaN, so no backend can drop a NaN from it, and the one
@@ -109,10 +115,11 @@ def within_code(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) 
         # Codes in e's floating dtype, whose max the backends vectorise best; none is NaN.
         return jnp.max(jnp.where(e <= bound, 0, jnp.where(e < jnp.inf, 1, 2)).astype(e.dtype))
 
-    codes = [code(e, s) for e, s in zip(jax.tree.leaves(error), jax.tree.leaves(scale))]
-    if not codes:
-        return jnp.zeros((), jnp.int32)
-    return jnp.max(jnp.stack([c.astype(jnp.float32) for c in codes])).astype(jnp.int32)
+    codes = [
+        code(e, s).astype(jnp.float32)
+        for e, s in zip(jax.tree.leaves(error), jax.tree.leaves(scale))
+    ]
+    return functools.reduce(jnp.maximum, codes) if codes else jnp.zeros((), jnp.float32)
 
 
 def all_within(error: PyTree, scale: PyTree, rtol: jax.Array, atol: jax.Array) -> jax.Array:
