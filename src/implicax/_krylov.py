@@ -165,7 +165,8 @@ class BiCGStab(AbstractIterativeLinearSolver):
         # ω ≈ 0 relative to α (t ⊥ s, e.g. every step on a skew-symmetric A) is a breakdown
         # too: ω = 0 then keeps the BiCG half-step and restarts the next iteration, instead of
         # β ∝ 1/ω. (Both have the units of 1/A, so the test needs no extra norm.)
-        omega = jnp.where(alpha_usable & (jnp.abs(omega) > tiny * jnp.abs(alpha)), omega, 0)
+        # (alpha = 0 where it was not usable: then |ω| > 0 = tiny·|α| alone would pass.)
+        omega = jnp.where((alpha != 0) & (jnp.abs(omega) > tiny * jnp.abs(alpha)), omega, 0)
         x = tree_axpy(omega, s_hat, tree_axpy(alpha, p_hat, x))
         r = tree_axpy(-omega, t, s)
         norm_r = tree_norm(r)

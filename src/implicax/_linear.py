@@ -148,7 +148,7 @@ class AbstractIterativeLinearSolver(Tolerances, AbstractLinearSolver):
         # One product of the budget is kept for the check that ends each round.
         limit = max_steps - 1
 
-        def iterate(r, state, estimate, used):  # the method on A·δ = r from δ = 0
+        def iterate(r, used):  # the method on A·δ = r from δ = 0, until its estimate stops it
             def cond(carry):
                 _, estimate, used = carry
                 return Budget(threshold, limit).keep_going(estimate, used)
@@ -159,29 +159,29 @@ class AbstractIterativeLinearSolver(Tolerances, AbstractLinearSolver):
                 state, estimate, products = self.step(matvec, r, state, budget)
                 return state, estimate.astype(norm_b.dtype), used + products
 
-            state, _, used = while_loop(cond, body, (state, estimate, used), axes)
+            state, _, used = while_loop(
+                cond, body, (self.init(matvec, r), tree_norm(r), used), axes
+            )
             return self.solution(state), used
 
         # Rounds of the method, each verified on the true residual with one product. A round
         # whose estimate drifted below the threshold while the true residual did not follow
-        # is followed by another one on the true residual (iterative refinement). The next
-        # round's state is made beside the residual, so that XLA shares what both compute.
+        # is followed by another one on the true residual (iterative refinement).
         def round_cond(carry):
-            *_, residual, used, rounds = carry
+            _, _, residual, used, rounds = carry
             keep_going = Budget(threshold, max_steps).keep_going(residual, used)
             return keep_going & (rounds < _ROUNDS)
 
         def round_body(carry):
-            x, r, state, residual, used, rounds = carry
-            delta, used = iterate(r, state, residual, used)
+            x, r, _, used, rounds = carry
+            delta, used = iterate(r, used)
             x = tree_add(x, delta)
             r = tree_sub(unit_b, matvec(x))
-            return x, r, self.init(matvec, r), tree_norm(r), used + 1, rounds + 1
+            return x, r, tree_norm(r), used + 1, rounds + 1
 
         zero = jnp.zeros((), jnp.int32)
-        start = self.init(matvec, unit_b)
-        init = (tree_zeros_like(unit_b), unit_b, start, norm_b, zero, zero)
-        unit_x, _, _, residual, used, _ = while_loop(round_cond, round_body, init, axes)
+        init = (tree_zeros_like(unit_b), unit_b, norm_b, zero, zero)
+        unit_x, _, residual, used, _ = while_loop(round_cond, round_body, init, axes)
         # A non-finite true residual (a NaN or inf in b or A) makes x NaN too: it is no answer.
         scale = jnp.where(jnp.isfinite(residual), scale, jnp.nan)
         x = jax.tree.map(lambda leaf: _times(leaf, scale), unit_x)

@@ -107,7 +107,9 @@ def forward_test(
     if fixed_point:
         # One NaN-safe pass decides convergence and finiteness; the size is one more plain
         # max (the old loop's two reductions), which may drop a NaN where code = 2.
-        return within_code(residual, x, rtol, atol), max_abs(residual, finite=True)
+        return within_code(residual, x, rtol, atol), max_abs(
+            residual, finite=jnp.ones((), jnp.bool_)
+        )
     size = max_abs(residual)
     converged = all_within(step, x, rtol, atol) & start_converged(size, initial_size, rtol, atol)
     return root_code(converged | (size == 0), size), size
