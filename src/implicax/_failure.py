@@ -129,29 +129,6 @@ def make_stats(steps, residual_norm, converged, diverged, inner_failures=0) -> S
     )
 
 
-def pack(stats: SolveStats) -> jax.Array:
-    """The statistics as one float vector (steps, residual_norm, converged, diverged,
-    inner_failures), in residual_norm's dtype; `unpack` inverts it.
-
-    A solve's statistics travel in this form: out of the custom_jvp (integer and boolean
-    outputs would need float0 tangents, which cannot be marked varying inside shard_map),
-    and into the failure report, where XLA makes one kernel of what would be several.
-    """
-    dtype = stats.residual_norm.dtype
-    return jnp.stack([jnp.asarray(field).astype(dtype) for field in stats], axis=-1)
-
-
-def unpack(packed: jax.Array) -> SolveStats:
-    steps, residual_norm, converged, diverged, inner_failures = jnp.moveaxis(packed, -1, 0)
-    return SolveStats(
-        steps.astype(jnp.int32),
-        residual_norm,
-        converged > 0,
-        diverged > 0,
-        inner_failures.astype(jnp.int32),
-    )
-
-
 PHASES = ("forward", "derivative")
 
 
@@ -179,22 +156,20 @@ def check_policy(on_failure: Any) -> tuple[FailurePolicy, FailurePolicy]:
 
 
 def apply_failure_policy(
-    x: PyTree, stats: jax.Array, on_failure: FailurePolicy, what: str, site: Any
-) -> tuple[PyTree, jax.Array]:
+    x: PyTree, stats: SolveStats, on_failure: FailurePolicy, what: str, site: Any
+) -> tuple[PyTree, SolveStats]:
     """Report a failed solve as the policy says; return (x, stats), with NaNs in place of x
-    for 'nan'. `stats` is the solve's `pack`ed statistics; `site` is the user's call, from
-    `call_site`.
+    for 'nan'. `site` is the user's call, from `call_site`.
 
-    'warn' and 'raise' run a host callback with the statistics; under `jax.vmap` the
+    'warn' and 'raise' run a host callback with the converged flag; under `jax.vmap` the
     callback sees the whole batch at once and reports how many elements failed. The report
     runs whenever the returned x or stats are used.
     """
     if on_failure == "ignore":
         return x, stats
-    converged = stats[..., 2] > 0
     if on_failure == "nan":
         nan_x = jax.tree.map(
-            lambda leaf: jnp.where(converged, leaf, jnp.full_like(leaf, jnp.nan)), x
+            lambda leaf: jnp.where(stats.converged, leaf, jnp.full_like(leaf, jnp.nan)), x
         )
         return nan_x, stats
     message = f"implicax: the {what} did not converge"
@@ -204,9 +179,8 @@ def apply_failure_policy(
     axes = _mapped_axes() if on_failure == "raise" else ()
     devices = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
 
-    def report(stats, failed_devices=None):
-        steps, residual, converged, diverged, _ = np.moveaxis(np.asarray(stats), -1, 0)
-        converged = converged > 0
+    def report(converged, diverged, steps, residual, failed_devices=None):
+        converged = np.asarray(converged)
         detail = ""
         if not converged.all():
             failed = int(converged.size - converged.sum())
@@ -237,7 +211,15 @@ def apply_failure_policy(
             )
         return np.ones((), np.bool_)
 
-    return _report_if_failed(report, (x, stats), converged, stats, axes=axes)
+    return _report_if_failed(
+        report,
+        (x, stats),
+        stats.converged,
+        stats.diverged,
+        stats.steps,
+        stats.residual_norm,
+        axes=axes,
+    )
 
 
 def _steps(steps) -> str:
@@ -297,8 +279,8 @@ def call_site() -> tuple[str, int, dict]:
 def _report_if_failed(
     report, tree: PyTree, converged: jax.Array, *args: jax.Array, axes: tuple = ()
 ) -> PyTree:
-    """Return tree, after ``report(*args)`` has run on the host if some element failed (is
-    not `converged`); with mapped `axes`, after ``report(*args, failed_devices)`` has run on
+    """Return tree, after ``report(converged, *args)`` has run on the host if some element
+    failed; with mapped `axes`, after ``report(converged, *args, failed_devices)`` has run on
     every device if some element of some device failed.
 
     Only the failed branch of a `lax.cond` calls back, so a converged solve pays for one
@@ -316,8 +298,7 @@ def _report_if_failed(
     @jax.custom_batching.custom_vmap
     def check(values):
         flag = jax.ShapeDtypeStruct((), jnp.bool_)
-        converged, *values = values
-        ok = jnp.all(converged)
+        ok = jnp.all(values[0])
         if axes:  # one all-reduce of a flag: how many devices failed
             failed = lax.psum(make_varying((~ok).astype(jnp.int32), frozenset(axes)), axes)
             ok, values = failed == 0, (*values, failed)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from ._failure import FailurePolicy, SolveStats, apply_failure_policy, pack, tracing_solve
+from ._failure import FailurePolicy, SolveStats, apply_failure_policy, tracing_solve
 from ._forward import CallableSolver, Problem
 from ._krylov import CG, GMRES, BiCGStab, Neumann
 from ._linear import complexified
@@ -74,10 +74,28 @@ class Spec:
 def solve(spec: Spec, limits, x0, params, consts):
     with tracing_solve():
         x, stats = spec.forward(limits, x0, params, consts)
-        # The statistics leave as one float vector (see `pack`), which the report also reads.
-        return apply_failure_policy(
-            x, pack(stats), spec.on_failure[0], spec.what("forward solve"), spec.site
+        x, stats = apply_failure_policy(
+            x, stats, spec.on_failure[0], spec.what("forward solve"), spec.site
         )
+    return x, _pack(stats)
+
+
+# The statistics leave the custom_jvp as one float vector with a zero tangent: integer and
+# boolean outputs would need float0 tangents, which cannot be marked varying inside shard_map.
+def _pack(stats: SolveStats) -> jax.Array:
+    dtype = stats.residual_norm.dtype
+    return jnp.stack([jnp.asarray(field).astype(dtype) for field in stats])
+
+
+def unpack(packed: jax.Array) -> SolveStats:
+    steps, residual_norm, converged, diverged, inner_failures = packed
+    return SolveStats(
+        steps.astype(jnp.int32),
+        residual_norm,
+        converged > 0,
+        diverged > 0,
+        inner_failures.astype(jnp.int32),
+    )
 
 
 def _solve_jvp(spec: Spec, primals, tangents):
@@ -198,6 +216,6 @@ def _for_vectors(linear_solver, b: PyTree, as_vector: Callable, unravel: Callabl
 def _reporting(linear_solver, report: Callable, what: str):
     def solve(matvec, b):
         x, stats = linear_solver.solve(matvec, b)
-        return report(x, pack(stats), what=what)[0]
+        return report(x, stats, what=what)[0]
 
     return solve

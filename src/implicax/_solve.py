@@ -20,10 +20,9 @@ from ._failure import (
     check_policy,
     reraise_solve_error,
     tracing_solve,
-    unpack,
 )
 from ._forward import AbstractForwardSolver, CallableSolver
-from ._implicit import Spec, solve
+from ._implicit import Spec, solve, unpack
 from ._krylov import BiCGStab
 from ._linear import AbstractLinearSolver, as_linear_solver
 from ._options import check_instance
