@@ -126,6 +126,32 @@ def test_matches_unrolled_iteration(name):
     assert_tree_allclose(implicit, unrolled)
 
 
+def test_phantom_gradient_matches_its_unrolled_definition():
+    """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed."""
+    cell, shape = CELLS["dense-nested"]
+    x, weights = random_data(shape), random_data(shape, seed=2)
+    variables = _variables(cell, x)
+    steps, damping = 3, 0.6
+    deq = _deq(cell, linear_solver=implicax.PhantomGradient(steps, damping))
+
+    def phantom(variables, x):
+        z = lax.stop_gradient(_unrolled(cell, variables, x))
+        cell_variables = {name: tree["cell"] for name, tree in variables.items()}
+        for _ in range(steps):
+            z = (1 - damping) * z + damping * cell.apply(cell_variables, z, x)
+        return z
+
+    @jax.jit
+    def both(variables, x):
+        def gradient(layer):
+            return jax.grad(lambda v, x: jnp.sum(weights * layer(v, x) ** 2), (0, 1))(variables, x)
+
+        return gradient(deq.apply), gradient(phantom)
+
+    got, expected = both(variables, x)
+    assert_tree_allclose(got, expected)
+
+
 class TinyCell(nn.Module):
     @nn.compact
     def __call__(self, z, x):

@@ -136,6 +136,37 @@ def test_matches_unrolled_iteration(name):
     assert_tree_allclose(got, expected)
 
 
+def test_phantom_gradient_matches_its_unrolled_definition():
+    """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed."""
+    factory, shape = CELLS["dense-nested"]
+    x, weights = random_data(shape), random_data(shape, seed=2)
+    steps, damping = 3, 0.6
+    solver = implicax.PhantomGradient(steps, damping)
+    graphdef, params, rest = nnx.split(
+        DEQ(factory(), **{**FAST, "linear_solver": solver}), nnx.Param, ...
+    )
+
+    def implicit(params, x):
+        return nnx.merge(graphdef, params, rest)(x)
+
+    def phantom(params, x):
+        z = lax.stop_gradient(_unrolled((graphdef, rest), params, x))
+        cell = nnx.merge(graphdef, params, rest).cell
+        for _ in range(steps):
+            z = (1 - damping) * z + damping * cell(z, x)
+        return z
+
+    @jax.jit
+    def both(params, x):
+        def gradient(layer):
+            return jax.grad(lambda p, x: jnp.sum(weights * layer(p, x) ** 2), (0, 1))(params, x)
+
+        return gradient(implicit), gradient(phantom)
+
+    got, expected = both(params, x)
+    assert_tree_allclose(got, expected)
+
+
 class TinyCell(nnx.Module):
     def __init__(self):
         self.linear = _linear(2, 2)

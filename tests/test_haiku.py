@@ -107,6 +107,33 @@ def test_matches_unrolled_iteration(name):
     assert_tree_allclose(got, expected)
 
 
+def test_phantom_gradient_matches_its_unrolled_definition():
+    """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed."""
+    make_cell, shape = CELLS["dense-nested"]
+    x, weights = random_data(shape), random_data(shape, seed=2)
+    steps, damping = 3, 0.6
+    model = _transformed(make_cell, linear_solver=implicax.PhantomGradient(steps, damping))
+    params = model.init(None, x)
+    cell = hk.transform(lambda z, x: make_cell()(z, x))
+
+    def phantom(params, x):
+        z = lax.stop_gradient(_unrolled(make_cell, params, x))
+        cell_params = {name.removeprefix("deq/cell/"): value for name, value in params.items()}
+        for _ in range(steps):
+            z = (1 - damping) * z + damping * cell.apply(cell_params, None, z, x)
+        return z
+
+    @jax.jit
+    def both(params, x):
+        def gradient(layer):
+            return jax.grad(lambda p, x: jnp.sum(weights * layer(p, x) ** 2), (0, 1))(params, x)
+
+        return gradient(lambda p, x: model.apply(p, None, x)), gradient(phantom)
+
+    got, expected = both(params, x)
+    assert_tree_allclose(got, expected)
+
+
 def tiny_cell(z, x):
     return jnp.tanh(hk.Linear(z.shape[-1], w_init=small())(z) + x)
 

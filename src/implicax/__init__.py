@@ -22,6 +22,10 @@ from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
 from ._solvers import FixedPointIteration as FixedPointIteration
 from ._solvers import Newton as Newton
+from ._training import JacobianFree as JacobianFree
+from ._training import PhantomGradient as PhantomGradient
+from ._training import jacobian_penalty as jacobian_penalty
+from ._training import spectral_radius as spectral_radius
 
 __version__ = "0.1.0"
 
@@ -40,12 +44,16 @@ __all__ = [
     "FailurePolicy",
     "FixedPointIteration",
     "GMRES",
+    "JacobianFree",
     "Neumann",
     "Newton",
+    "PhantomGradient",
     "Problem",
     "Progress",
     "SolveError",
     "SolveStats",
     "fixed_point_solve",
+    "jacobian_penalty",
     "root_solve",
+    "spectral_radius",
 ]
