@@ -113,7 +113,8 @@ class AbstractForwardSolver(Tolerances, abc.ABC):
             initial = max_abs(problem.residual(x0)).astype(dtype)
             code = root_code(start_converged(initial, initial, rtol, atol), initial)
         # The loop carries the test's raw code and size (see `forward_test`), which the
-        # condition and the exit read: every scalar computed in the body is a kernel of its own.
+        # condition and the exit read: scalars the body derives from them would each cost
+        # XLA a kernel of its own to compile.
         zero = jnp.zeros((), jnp.int32)
         carry = (self.init(problem, x0), x0, code, initial, zero, zero)  # steps, failures
 
