@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from ._failure import SolveStats, make_stats
-from ._options import check_function, check_tolerance, dynamic_field, register, set_checked
+from ._options import (
+    check_function_and_tolerances,
+    dynamic_field,
+    register,
+)
 from ._sharding import tree_varying_axes, while_loop
 from ._termination import (
     Tolerances,
@@ -169,9 +173,7 @@ class CallableSolver:
     atol: Any = dynamic_field(None)
 
     def __post_init__(self):
-        check_function("CallableSolver", self.function, "function(fn, x0, params) -> x")
-        set_checked(self, "rtol", check_tolerance("CallableSolver", "rtol", self.rtol))
-        set_checked(self, "atol", check_tolerance("CallableSolver", "atol", self.atol))
+        check_function_and_tolerances(self, "function(fn, x0, params) -> x")
 
     def stats(self, problem: Problem, x0: PyTree, x: PyTree) -> SolveStats:
         """Check the function's result x against the tolerance."""

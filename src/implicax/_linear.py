@@ -29,7 +29,7 @@ import jax.scipy.linalg as jsl
 
 from ._failure import SolveStats, make_stats
 from ._options import (
-    check_function,
+    check_function_and_tolerances,
     check_instance,
     check_tolerance,
     dynamic_field,
@@ -283,9 +283,7 @@ class CallableLinearSolver(AbstractLinearSolver):
     atol: Any = dynamic_field(None)
 
     def __post_init__(self):
-        check_function("CallableLinearSolver", self.function, "function(matvec, b) -> x")
-        set_checked(self, "rtol", check_tolerance("CallableLinearSolver", "rtol", self.rtol))
-        set_checked(self, "atol", check_tolerance("CallableLinearSolver", "atol", self.atol))
+        check_function_and_tolerances(self, "function(matvec, b) -> x")
 
     def solve(self, matvec, b):
         x = self.function(matvec, b)

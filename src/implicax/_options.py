@@ -154,11 +154,17 @@ def check_instance(owner: str, field: str, value: Any) -> None:
         )
 
 
-def check_function(owner: str, value: Any, signature: str) -> None:
-    """The `function` field of a wrapper of a user's solver: an instance, callable."""
-    check_instance(owner, "function", value)
-    if not callable(value):
-        raise TypeError(f"{owner}: function must be callable as {signature}, got {value!r}.")
+def check_function_and_tolerances(wrapper: Any, signature: str) -> None:
+    """The fields of a wrapper of a user's solver (`CallableSolver`, `CallableLinearSolver`):
+    `function` an instance, callable as `signature`; `rtol` and `atol` tolerances."""
+    owner = type(wrapper).__name__
+    check_instance(owner, "function", wrapper.function)
+    if not callable(wrapper.function):
+        raise TypeError(
+            f"{owner}: function must be callable as {signature}, got {wrapper.function!r}."
+        )
+    set_checked(wrapper, "rtol", check_tolerance(owner, "rtol", wrapper.rtol))
+    set_checked(wrapper, "atol", check_tolerance(owner, "atol", wrapper.atol))
 
 
 def check_callable(owner: str, field: str, value: Any, signature: str) -> None:

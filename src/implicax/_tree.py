@@ -84,7 +84,7 @@ def max_abs(x: PyTree, finite: jax.Array | None = None) -> jax.Array:
         return jnp.zeros((), dtype)
     largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves]))
     if finite is None:
-        finite = jnp.all(jnp.stack([jnp.sum(leaf * 0) == 0 for leaf in leaves]))
+        finite = all_finite(leaves)
     return jnp.where(finite | (largest == jnp.inf), largest, jnp.nan)
 
 
