@@ -3,7 +3,8 @@
 The same model as ``deq_digits_flax.py``: the hidden state is the fixed point
 z* = cell(z*, x) of cell(z, x) = LayerNorm(tanh(W·z + x)) with ‖W‖_F ≤ 0.9, found by
 Anderson acceleration, with implicit-function-theorem gradients. The progress bar shows the
-loss and the forward (Anderson) and backward (BiCGStab) solver steps of the latest batch.
+loss and the forward (Anderson) and backward (BiCGStab) solver steps of the latest batch; the
+backward solve's statistics come back through a probe (`implicax.stats_probe`).
 
     python examples/deq_digits_haiku.py            # ~20 s on 2 CPU cores, ~97% test accuracy
     python examples/deq_digits_haiku.py --short    # 20 steps: a smoke test
@@ -30,23 +31,7 @@ import implicax
 
 HIDDEN = 64
 SOLVER = implicax.Anderson(rtol=1e-4, atol=1e-4, max_steps=60)
-
-# The backward solver's matrix-vector products are only visible inside the gradient; this
-# BiCGStab (the default linear solver) reports them to the host with jax.debug.callback, so
-# that the progress bar can show them.
-_backward_steps: list[int] = []
-
-
-class ReportingBiCGStab(implicax.BiCGStab):
-    """BiCGStab that records the steps of each (adjoint) solve in ``_backward_steps``."""
-
-    def solve(self, matvec, b):
-        x, stats = super().solve(matvec, b)
-        jax.debug.callback(lambda steps: _backward_steps.append(int(steps)), stats.steps)
-        return x, stats
-
-
-LINEAR_SOLVER = ReportingBiCGStab(rtol=1e-4, atol=1e-4, max_steps=60)
+LINEAR_SOLVER = implicax.BiCGStab(rtol=1e-4, atol=1e-4, max_steps=60)
 
 
 def cell(z: jax.Array, x: jax.Array) -> jax.Array:
@@ -57,10 +42,11 @@ def cell(z: jax.Array, x: jax.Array) -> jax.Array:
     return hk.LayerNorm(-1, create_scale=True, create_offset=True)(jnp.tanh(z @ w + x))
 
 
-def classifier(images: jax.Array) -> tuple[jax.Array, implicax.SolveStats]:
+def classifier(images: jax.Array, probe=None) -> tuple[jax.Array, implicax.SolveStats]:
     """pixels → Linear → DEQ(cell) → Linear → 10 logits (and the forward solve's stats)."""
     x = hk.Linear(HIDDEN)(images)
-    z, stats = DEQ(cell, solver=SOLVER, linear_solver=LINEAR_SOLVER)(x, return_stats=True)
+    deq = DEQ(cell, solver=SOLVER, linear_solver=LINEAR_SOLVER)
+    z, stats = deq(x, return_stats=True, adjoint_stats=probe)
     return hk.Linear(10)(z), stats
 
 
@@ -81,16 +67,20 @@ def batches(rng: np.random.Generator, n: int, batch_size: int):
 
 
 def make_step(model: hk.Transformed, optimizer: optax.GradientTransformation):
-    def loss_fn(params, images, labels):
-        logits, stats = model.apply(params, None, images)  # no rng: the cell draws none
+    def loss_fn(params, probe, images, labels):
+        logits, stats = model.apply(params, None, images, probe)  # no rng: the cell draws none
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, stats
 
     @jax.jit
     def step(params, opt_state, images, labels):
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, labels)
+        # The gradient with respect to the probe is the backward solve's record.
+        (loss, stats), (grads, record) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
+            params, implicax.stats_probe(), images, labels
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, stats
+        backward = implicax.read_probe(record)
+        return optax.apply_updates(params, updates), opt_state, loss, stats, backward
 
     return step
 
@@ -117,12 +107,12 @@ def main() -> None:
     bar = tqdm(range(total), desc="training", unit="step")
     for i in bar:
         batch = next(indices)
-        params, opt_state, loss, stats = step(params, opt_state, x_train[batch], y_train[batch])
+        params, opt_state, loss, stats, backward = step(
+            params, opt_state, x_train[batch], y_train[batch]
+        )
         if i % 10 == 0 or i == total - 1:
             bar.set_postfix(
-                loss=f"{float(loss):.3f}",
-                fwd_steps=int(stats.steps),
-                bwd_steps=_backward_steps[-1] if _backward_steps else "-",
+                loss=f"{float(loss):.3f}", fwd_steps=int(stats.steps), bwd_steps=int(backward.steps)
             )
     accuracy = float(np.mean(np.asarray(predict(params, x_test)) == y_test))
     print(f"test accuracy: {accuracy:.2%} ({time.perf_counter() - start:.1f} s)")

@@ -112,3 +112,41 @@ def check_shard_map_step(apply, training):
         params, OPTIMIZER.init(params), x, y
     )
     assert_tree_allclose((new_params, value), expected, rtol=1e-8)
+
+
+# Diagnostics (penalty_samples, radius_steps) and the adjoint-stats probe of the three layers.
+PENALTY_SAMPLES = 4000  # Hutchinson sampling error about √(2/4000) ≈ 2%, checked within 10%
+RADIUS_STEPS = 300
+
+
+def symmetric_kernel(variables):
+    """The variables with every square matrix (the kernels) made symmetric: a tanh cell's
+    Jacobian D·K is then similar to D^½·K·D^½, so its eigenvalues are real and power
+    iteration converges."""
+
+    def fix(leaf):
+        return (leaf + leaf.T) / 2 if leaf.ndim == 2 and leaf.shape[0] == leaf.shape[1] else leaf
+
+    return jax.tree.map(fix, variables)
+
+
+def check_diagnostics(z_star, cell_map, penalty, radius):
+    """penalty ≈ ‖J‖_F²/n and radius ≈ max|eig J| for J = ∂cell_map/∂z at z*, from jacfwd."""
+    n = z_star.size
+    jacobian = np.asarray(jax.jacfwd(cell_map)(z_star)).reshape(n, n)
+    np.testing.assert_allclose(penalty, np.sum(jacobian**2) / n, rtol=0.1)
+    eigenvalues = np.linalg.eigvals(jacobian)
+    assert np.max(np.abs(eigenvalues.imag)) < 1e-12  # the premise: a real spectrum
+    np.testing.assert_allclose(radius, np.max(np.abs(eigenvalues)), rtol=1e-3)
+    assert 0.05 < radius < 1  # a nontrivial contraction
+
+
+def check_probe(record, steps=None):
+    """The adjoint solve's record read from a probe's cotangent: converged, and after
+    exactly `steps` products when given (PhantomGradient(k) uses k − 1)."""
+    stats = implicax.read_probe(record)
+    assert bool(stats.converged) and not bool(stats.diverged)
+    if steps is None:
+        assert int(stats.steps) > 1
+    else:
+        assert int(stats.steps) == steps

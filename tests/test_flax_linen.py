@@ -18,13 +18,18 @@ import pytest
 from deq_helpers import (
     F64,
     FAST,
+    PENALTY_SAMPLES,
+    RADIUS_STEPS,
     UNROLL,
     assert_tree_allclose,
+    check_diagnostics,
     check_pmap_step,
+    check_probe,
     check_shard_map_step,
     check_sharded_jit_step,
     random_data,
     reference_training,
+    symmetric_kernel,
 )
 from implicax_flax import DEQ
 from jax import lax
@@ -357,3 +362,39 @@ def test_a_cell_returning_the_wrong_shape_is_named():
         TypeError, match=r"cell Widening must have the shapes of z.*got shape \(2, 5\).*pass z0"
     ):
         DEQ(Widening()).init(jax.random.key(0), x)
+
+
+def test_diagnostics_are_sown_and_the_penalty_is_differentiable():
+    x = random_data((1, 3))
+    cell = TinyCell()
+    variables = symmetric_kernel(_variables(cell, x))
+    deq = _deq(cell, penalty_samples=PENALTY_SAMPLES, radius_steps=RADIUS_STEPS)
+    rngs = {"jacobian": jax.random.key(0)}
+
+    @jax.jit
+    def run(variables):
+        z, state = deq.apply(variables, x, rngs=rngs, mutable=["intermediates"])
+        sown = state["intermediates"]
+        return z, sown["jacobian_penalty"][0], sown["spectral_radius"][0]
+
+    z, penalty, radius = run(variables)
+    cell_variables = {name: tree["cell"] for name, tree in variables.items()}
+    check_diagnostics(z, lambda z: cell.apply(cell_variables, z, x), penalty, radius)
+    grad = jax.grad(lambda v: run(v)[1])(variables)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad))
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grad))
+
+
+@pytest.mark.parametrize(
+    "linear_solver, steps", [(FAST["linear_solver"], None), (implicax.PhantomGradient(4), 3)]
+)
+def test_adjoint_stats_probe(linear_solver, steps):
+    x = random_data((1, 3))
+    deq = _deq(TinyCell(), linear_solver=linear_solver)
+    variables = _variables(TinyCell(), x)
+
+    def loss(variables, probe):
+        return jnp.sum(deq.apply(variables, x, adjoint_stats=probe) ** 2)
+
+    _, record = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, implicax.stats_probe())
+    check_probe(record, steps)

@@ -18,12 +18,17 @@ import pytest
 from deq_helpers import (
     F64,
     FAST,
+    PENALTY_SAMPLES,
+    RADIUS_STEPS,
     UNROLL,
     assert_tree_allclose,
+    check_diagnostics,
+    check_probe,
     data_mesh,
     random_data,
     replicated_per_device,
     split_per_device,
+    symmetric_kernel,
 )
 from flax import nnx
 from implicax_flax.nnx import DEQ, SolveStatsVariable
@@ -479,3 +484,52 @@ def test_the_signature_is_the_constructors():
         "on_failure",
         "store_stats",
     ]
+
+
+class SymmetricCell(nnx.Module):
+    def __init__(self, n):
+        self.linear = _linear(n, n)
+        self.linear.kernel.set_value(symmetric_kernel(self.linear.kernel.get_value()))
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.linear(z) + x)
+
+
+def test_diagnostics_are_stored_and_the_penalty_is_differentiable():
+    x = random_data((1, 3))
+    layer = DEQ(
+        SymmetricCell(3),
+        **FAST,
+        penalty_samples=PENALTY_SAMPLES,
+        radius_steps=RADIUS_STEPS,
+        rngs=nnx.Rngs(jacobian=0),
+    )
+
+    @nnx.jit
+    def run(layer):
+        z = layer(x)
+        return z, layer.jacobian_penalty.get_value(), layer.spectral_radius.get_value()
+
+    z, penalty, radius = run(layer)
+    assert float(layer.spectral_radius.get_value()) == float(radius)  # stored by the call
+    check_diagnostics(z, lambda z: layer.cell(z, x), penalty, radius)
+
+    grad = nnx.grad(lambda layer: run(layer)[1])(layer)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad))
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grad))
+    with pytest.raises(TypeError, match="rngs=nnx.Rngs"):
+        DEQ(SymmetricCell(3), penalty_samples=1)
+
+
+@pytest.mark.parametrize(
+    "linear_solver, steps", [(FAST["linear_solver"], None), (implicax.PhantomGradient(4), 3)]
+)
+def test_adjoint_stats_probe(linear_solver, steps):
+    x = random_data((1, 2))
+    layer = DEQ(TinyCell(), solver=FAST["solver"], linear_solver=linear_solver)
+
+    def loss(layer, probe):
+        return jnp.sum(layer(x, adjoint_stats=probe) ** 2)
+
+    _, record = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(layer, implicax.stats_probe())
+    check_probe(record, steps)

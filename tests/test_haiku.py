@@ -17,13 +17,18 @@ import numpy as np
 import pytest
 from deq_helpers import (
     FAST,
+    PENALTY_SAMPLES,
+    RADIUS_STEPS,
     UNROLL,
     assert_tree_allclose,
+    check_diagnostics,
     check_pmap_step,
+    check_probe,
     check_shard_map_step,
     check_sharded_jit_step,
     random_data,
     reference_training,
+    symmetric_kernel,
 )
 from implicax_haiku import DEQ
 from jax import lax
@@ -349,3 +354,44 @@ def test_a_cell_returning_the_wrong_shape_is_named():
         TypeError, match=r"cell widening must have the shapes of z.*got shape \(2, 5\).*pass z0"
     ):
         model.init(None, x)
+
+
+def test_diagnostics_are_state_and_the_penalty_is_differentiable():
+    x = random_data((1, 3))
+    deq = lambda x: DEQ(  # noqa: E731
+        tiny_cell, **FAST, penalty_samples=PENALTY_SAMPLES, radius_steps=RADIUS_STEPS
+    )(x)
+    model = hk.transform_with_state(deq)
+    params = symmetric_kernel(model.init(jax.random.key(1), x)[0])
+
+    @jax.jit
+    def run(params):
+        z, state = model.apply(params, {}, jax.random.key(0), x)
+        return z, state["deq"]["jacobian_penalty"], state["deq"]["spectral_radius"]
+
+    z, penalty, radius = run(params)
+    cell = hk.transform(tiny_cell)
+    cell_params = {name.removeprefix("deq/cell/"): value for name, value in params.items()}
+    check_diagnostics(z, lambda z: cell.apply(cell_params, None, z, x), penalty, radius)
+    grad = jax.grad(lambda p: run(p)[1])(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad))
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grad))
+
+
+@pytest.mark.parametrize(
+    "linear_solver, steps", [(FAST["linear_solver"], None), (implicax.PhantomGradient(4), 3)]
+)
+def test_adjoint_stats_probe(linear_solver, steps):
+    x = random_data((1, 2))
+    model = hk.transform(
+        lambda x, probe: DEQ(tiny_cell, solver=FAST["solver"], linear_solver=linear_solver)(
+            x, adjoint_stats=probe
+        )
+    )
+    params = model.init(None, x, None)
+
+    def loss(params, probe):
+        return jnp.sum(model.apply(params, None, x, probe) ** 2)
+
+    _, record = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, implicax.stats_probe())
+    check_probe(record, steps)

@@ -9,7 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["deq_initial_state", "naming_the_cell"]
+import implicax
+
+__all__ = ["check_diagnostics", "deq_diagnostics", "deq_initial_state", "naming_the_cell"]
 
 
 def deq_initial_state(x: Any, z0: Any | None) -> Any:
@@ -23,6 +25,34 @@ def deq_initial_state(x: Any, z0: Any | None) -> Any:
         return jax.tree.map(jnp.zeros_like, x)
     _check_floating(z0, "DEQ: z0", "Cast it, e.g. .astype(jnp.float32).")
     return z0
+
+
+def check_diagnostics(penalty_samples: Any, radius_steps: Any) -> None:
+    """The DEQ layers' penalty_samples and radius_steps: whole numbers, 0 for off."""
+    for name, value in (("penalty_samples", penalty_samples), ("radius_steps", radius_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"DEQ: {name} must be a whole number ≥ 0 (0: off), got {value!r}.")
+
+
+def deq_diagnostics(
+    fn: Any, z: Any, params: Any, key: jax.Array, penalty_samples: int, radius_steps: int
+) -> dict[str, jax.Array]:
+    """What a DEQ layer reports at its solution z* on request: ``"jacobian_penalty"``
+    (`implicax.jacobian_penalty`, differentiable through the cell's arguments, at z* held
+    constant) and ``"spectral_radius"`` (`implicax.spectral_radius`, for monitoring), each
+    only when its count is nonzero."""
+    z = jax.lax.stop_gradient(z)
+    penalty_key, radius_key = jax.random.split(key)
+    out = {}
+    if penalty_samples:
+        out["jacobian_penalty"] = implicax.jacobian_penalty(
+            fn, z, params, penalty_key, samples=penalty_samples
+        )
+    if radius_steps:
+        out["spectral_radius"] = implicax.spectral_radius(
+            fn, z, params, radius_key, steps=radius_steps
+        )
+    return out
 
 
 @contextlib.contextmanager

@@ -27,7 +27,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from implicax_adapters import deq_initial_state, naming_the_cell
+from implicax_adapters import (
+    check_diagnostics,
+    deq_diagnostics,
+    deq_initial_state,
+    naming_the_cell,
+)
 
 import implicax
 from implicax import FailurePolicy
@@ -56,7 +61,16 @@ class DEQ(nn.Module):
     Statistics: each call sows the forward solve's `implicax.SolveStats` (steps, residual
     norm, converged) as ``("intermediates", "solve_stats")``; read it with
     ``layer.apply(variables, x, mutable=["intermediates"])``. ``return_stats=True`` returns
-    ``(z*, stats)`` instead.
+    ``(z*, stats)`` instead. The adjoint solve's statistics go to a probe:
+    ``layer.apply(variables, x, adjoint_stats=probe)``, see `implicax.stats_probe`.
+
+    Training diagnostics at z*, on request: with ``penalty_samples=k`` each call sows
+    `implicax.jacobian_penalty` (k samples; differentiable, to add to the loss) as
+    ``("intermediates", "jacobian_penalty")``, and with ``radius_steps=k``
+    `implicax.spectral_radius` (k power iterations) as ``("intermediates",
+    "spectral_radius")``. Their random vectors come from the ``"jacobian"`` PRNG stream
+    (``apply(..., rngs={"jacobian": key}, mutable=["intermediates"])``); ``init`` without that
+    stream skips them.
 
     Randomness (dropout): one key per PRNG stream available to this layer (all but
     ``"params"``) is drawn per call and reused by every evaluation of the cell in that solve,
@@ -80,16 +94,25 @@ class DEQ(nn.Module):
             `implicax.fixed_point_solve`'s default.
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``, or one per phase
             (``{"forward": ..., "derivative": ...}``); see `implicax.fixed_point_solve`.
+        penalty_samples: Hutchinson samples of the sown Jacobian penalty (0: none).
+        radius_steps: power iterations of the sown spectral radius (0: none).
     """
 
     cell: nn.Module
     solver: Any = None
     linear_solver: Any = None
     on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn"
+    penalty_samples: int = 0
+    radius_steps: int = 0
 
     @nn.compact
     def __call__(
-        self, x: PyTree, z0: PyTree | None = None, *, return_stats: bool = False
+        self,
+        x: PyTree,
+        z0: PyTree | None = None,
+        *,
+        return_stats: bool = False,
+        adjoint_stats: jax.Array | None = None,
     ) -> PyTree | tuple[PyTree, implicax.SolveStats]:
         """Solve z* = cell(z*, x).
 
@@ -97,6 +120,8 @@ class DEQ(nn.Module):
             x: the layer's input (the cell's second argument).
             z0: initial guess for z*; zeros shaped like ``x`` when None.
             return_stats: also return the forward solve's `implicax.SolveStats`.
+            adjoint_stats: a probe (`implicax.stats_probe`) for the adjoint solve's
+                statistics.
 
         Returns:
             z*, or ``(z*, stats)`` when ``return_stats`` is True.
@@ -105,6 +130,7 @@ class DEQ(nn.Module):
             raise TypeError(
                 f"DEQ: cell must be a flax.linen Module called as cell(z, x), got {self.cell!r}."
             )
+        check_diagnostics(self.penalty_samples, self.radius_steps)
         z0 = deq_initial_state(x, z0)
         if self.is_initializing():
             self.cell(z0, x)  # create the cell's variables (unbind() returns none before)
@@ -134,10 +160,19 @@ class DEQ(nn.Module):
                 on_failure=self.on_failure,
                 return_stats=True,
                 name="/".join(self.path) or type(self).__name__,
+                adjoint_stats=adjoint_stats,
             )
         if mutable is not False and _writes_state(jax.eval_shape(apply, z0, arrays)[1]):
             self.cell(z, x)  # record collection updates once, from the equilibrium
         self.sow("intermediates", "solve_stats", stats)
+        wanted = self.penalty_samples or self.radius_steps
+        if wanted and not (self.is_initializing() and not self.has_rng("jacobian")):
+            key = self.make_rng("jacobian")
+            diagnostics = deq_diagnostics(
+                fn, z, arrays, key, self.penalty_samples, self.radius_steps
+            )
+            for name, value in diagnostics.items():
+                self.sow("intermediates", name, value)
         return (z, stats) if return_stats else z
 
 

@@ -29,12 +29,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.errors import TraceContextError
-from implicax_adapters import deq_initial_state, naming_the_cell
+from implicax_adapters import (
+    check_diagnostics,
+    deq_diagnostics,
+    deq_initial_state,
+    naming_the_cell,
+)
 
 import implicax
 from implicax import FailurePolicy
 
-__all__ = ["DEQ", "SolveStatsVariable"]
+__all__ = ["DEQ", "DiagnosticVariable", "SolveStatsVariable"]
 
 PyTree = Any
 
@@ -46,6 +51,10 @@ def _stats_float() -> Any:
 
 class SolveStatsVariable(nnx.Variable):
     """Holds the `implicax.SolveStats` of a `DEQ`'s last forward solve (not a parameter)."""
+
+
+class DiagnosticVariable(nnx.Variable):
+    """Holds a `DEQ`'s last Jacobian penalty or spectral radius at z* (not a parameter)."""
 
 
 class DEQ(nnx.Module):
@@ -68,7 +77,15 @@ class DEQ(nnx.Module):
     ``jax.jit``, ...) and called inside it leaves ``layer.stats`` as it was (NNX forbids that
     update; use ``return_stats=True`` there). Under ``nnx.vmap`` with the layer's state
     broadcast (``in_axes=None``) the stats are batched and cannot be stored: build the layer
-    with ``store_stats=False`` and use ``return_stats=True``.
+    with ``store_stats=False`` and use ``return_stats=True``. The adjoint solve's statistics
+    go to a probe: ``layer(x, adjoint_stats=probe)``, see `implicax.stats_probe`.
+
+    Training diagnostics at z*, on request: with ``penalty_samples=k`` each call stores
+    `implicax.jacobian_penalty` (k samples) in ``layer.jacobian_penalty`` (a
+    `DiagnosticVariable`; read inside the loss, ``layer.jacobian_penalty.get_value()`` is
+    differentiable), and with ``radius_steps=k`` `implicax.spectral_radius` (k power
+    iterations) in ``layer.spectral_radius``. Their random vectors come from ``rngs``
+    (its ``jacobian`` stream, else its default one), which they then require.
 
     Randomness and state: every evaluation of the cell during one solve starts from the same
     state, so a ``Dropout`` with its own ``rngs`` keeps one fixed mask while the solver iterates
@@ -90,6 +107,9 @@ class DEQ(nnx.Module):
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``, or one per phase
             (``{"forward": ..., "derivative": ...}``); see `implicax.fixed_point_solve`.
         store_stats: keep the last solve's statistics in ``layer.stats``.
+        penalty_samples: Hutchinson samples of the stored Jacobian penalty (0: none).
+        radius_steps: power iterations of the stored spectral radius (0: none).
+        rngs: an `nnx.Rngs` for those estimates' random vectors.
     """
 
     def __init__(
@@ -100,13 +120,29 @@ class DEQ(nnx.Module):
         *,
         on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
         store_stats: bool = True,
+        penalty_samples: int = 0,
+        radius_steps: int = 0,
+        rngs: nnx.Rngs | None = None,
     ):
         if not callable(cell) or not nnx.graph.is_graph_node(cell):
             raise TypeError(
                 "DEQ: cell must be an nnx.Module (or another NNX graph node) callable as "
                 f"cell(z, x), got {cell!r}."
             )
+        check_diagnostics(penalty_samples, radius_steps)
+        if (penalty_samples or radius_steps) and not isinstance(rngs, nnx.Rngs):
+            raise TypeError(
+                "DEQ: penalty_samples and radius_steps draw random vectors: pass "
+                f"rngs=nnx.Rngs(jacobian=0) (an nnx.Rngs), got rngs={rngs!r}."
+            )
         self.cell = cell
+        self.penalty_samples = penalty_samples
+        self.radius_steps = radius_steps
+        self.rngs = rngs if penalty_samples or radius_steps else None
+        if penalty_samples:
+            self.jacobian_penalty = DiagnosticVariable(jnp.full((), jnp.nan, _stats_float()))
+        if radius_steps:
+            self.spectral_radius = DiagnosticVariable(jnp.full((), jnp.nan, _stats_float()))
         self.solver = solver
         self.linear_solver = linear_solver
         self.on_failure: FailurePolicy | Mapping[str, FailurePolicy] = on_failure
@@ -122,7 +158,12 @@ class DEQ(nnx.Module):
         )
 
     def __call__(
-        self, x: PyTree, z0: PyTree | None = None, *, return_stats: bool = False
+        self,
+        x: PyTree,
+        z0: PyTree | None = None,
+        *,
+        return_stats: bool = False,
+        adjoint_stats: jax.Array | None = None,
     ) -> PyTree | tuple[PyTree, implicax.SolveStats]:
         """Solve z* = cell(z*, x).
 
@@ -130,6 +171,8 @@ class DEQ(nnx.Module):
             x: the layer's input (the cell's second argument).
             z0: initial guess for z*; zeros shaped like ``x`` when None.
             return_stats: also return the forward solve's `implicax.SolveStats`.
+            adjoint_stats: a probe (`implicax.stats_probe`) for the adjoint solve's
+                statistics.
 
         Returns:
             z*, or ``(z*, stats)`` when ``return_stats`` is True.
@@ -144,17 +187,26 @@ class DEQ(nnx.Module):
             # copy=True: fresh Variables, so the iterate's state updates stay local to it.
             return nnx.merge(graphdef, params, rest, copy=True)(z, x)
 
+        arrays = (params, rest, x)
         with naming_the_cell(self.cell):
             z, stats = implicax.fixed_point_solve(
                 fn,
                 z0,
-                (params, rest, x),
+                arrays,
                 solver=self.solver,
                 linear_solver=self.linear_solver,
                 on_failure=self.on_failure,
                 return_stats=True,
                 name=type(self).__name__,
+                adjoint_stats=adjoint_stats,
             )
+        if self.rngs is not None:
+            key = self.rngs.jacobian()
+            diagnostics = deq_diagnostics(
+                fn, z, arrays, key, self.penalty_samples, self.radius_steps
+            )
+            for name, value in diagnostics.items():
+                getattr(self, name).set_value(value.astype(_stats_float()))
         if jax.tree.leaves(rest):
             self.cell(z, x)  # advance the random streams, update running statistics at z*
         if self.store_stats:

@@ -22,7 +22,12 @@ from typing import Any
 
 import haiku as hk
 import jax
-from implicax_adapters import deq_initial_state, naming_the_cell
+from implicax_adapters import (
+    check_diagnostics,
+    deq_diagnostics,
+    deq_initial_state,
+    naming_the_cell,
+)
 
 import implicax
 from implicax import FailurePolicy
@@ -49,7 +54,16 @@ class DEQ(hk.Module):
     `hk.transform` and `hk.transform_with_state` (the latter when the cell has state).
 
     Statistics: ``return_stats=True`` returns ``(z*, stats)`` with the forward solve's
-    `implicax.SolveStats` (steps, residual norm, converged).
+    `implicax.SolveStats` (steps, residual norm, converged). The adjoint solve's statistics
+    go to a probe: ``DEQ(...)(x, adjoint_stats=probe)``, see `implicax.stats_probe`.
+
+    Training diagnostics at z*, on request, as state of this module (so under
+    `hk.transform_with_state`): with ``penalty_samples=k`` each call sets
+    `implicax.jacobian_penalty` (k samples; differentiable, to add to the loss) as state
+    ``"jacobian_penalty"``, and with ``radius_steps=k`` `implicax.spectral_radius` (k power
+    iterations) as ``"spectral_radius"``; read them from the state ``apply`` returns, e.g.
+    ``state["deq"]["jacobian_penalty"]``. Their random vectors take a key from
+    `hk.next_rng_key`, so ``init`` and ``apply`` then need one.
 
     Randomness (dropout): the layer takes a random key (`hk.maybe_next_rng_key`) only while
     initialising or when the cell's output depends on one, so ``apply(params, None, x)``
@@ -73,6 +87,8 @@ class DEQ(hk.Module):
             `implicax.fixed_point_solve`'s default.
         on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``, or one per phase
             (``{"forward": ..., "derivative": ...}``); see `implicax.fixed_point_solve`.
+        penalty_samples: Hutchinson samples of the Jacobian penalty state (0: none).
+        radius_steps: power iterations of the spectral radius state (0: none).
         name: the module's name.
     """
 
@@ -83,9 +99,14 @@ class DEQ(hk.Module):
         linear_solver: Any = None,
         *,
         on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
+        penalty_samples: int = 0,
+        radius_steps: int = 0,
         name: str | None = None,
     ):
         super().__init__(name=name)
+        check_diagnostics(penalty_samples, radius_steps)
+        self.penalty_samples = penalty_samples
+        self.radius_steps = radius_steps
         if not callable(cell):
             raise TypeError(f"DEQ: cell must be callable as cell(z, x), got {cell!r}.")
         self.cell = cell
@@ -94,7 +115,12 @@ class DEQ(hk.Module):
         self.on_failure: FailurePolicy | Mapping[str, FailurePolicy] = on_failure
 
     def __call__(
-        self, x: PyTree, z0: PyTree | None = None, *, return_stats: bool = False
+        self,
+        x: PyTree,
+        z0: PyTree | None = None,
+        *,
+        return_stats: bool = False,
+        adjoint_stats: jax.Array | None = None,
     ) -> PyTree | tuple[PyTree, implicax.SolveStats]:
         """Solve z* = cell(z*, x).
 
@@ -102,6 +128,8 @@ class DEQ(hk.Module):
             x: the layer's input (the cell's second argument).
             z0: initial guess for z*; zeros shaped like ``x`` when None.
             return_stats: also return the forward solve's `implicax.SolveStats`.
+            adjoint_stats: a probe (`implicax.stats_probe`) for the adjoint solve's
+                statistics.
 
         Returns:
             z*, or ``(z*, stats)`` when ``return_stats`` is True.
@@ -119,17 +147,26 @@ class DEQ(hk.Module):
             params, state, rng, x = arrays
             return cell.apply(params, state, rng, z, x)[0]  # the iterate's state is dropped
 
+        arrays = (params, state, rng, x)
         with naming_the_cell(self.cell):
             z, stats = implicax.fixed_point_solve(
                 fn,
                 z0,
-                (params, state, rng, x),
+                arrays,
                 solver=self.solver,
                 linear_solver=self.linear_solver,
                 on_failure=self.on_failure,
                 return_stats=True,
                 name=self.module_name,
+                adjoint_stats=adjoint_stats,
             )
+        if self.penalty_samples or self.radius_steps:
+            key = hk.next_rng_key()
+            diagnostics = deq_diagnostics(
+                fn, z, arrays, key, self.penalty_samples, self.radius_steps
+            )
+            for name, value in diagnostics.items():
+                hk.set_state(name, value)
         if jax.tree.leaves(state):
             updater.update(cell.apply(params, state, rng, z, x)[1])  # state set at z*
         else:

@@ -3,6 +3,8 @@
 from ._failure import FailurePolicy as FailurePolicy
 from ._failure import SolveError as SolveError
 from ._failure import SolveStats as SolveStats
+from ._failure import read_probe as read_probe
+from ._failure import stats_probe as stats_probe
 from ._forward import AbstractForwardSolver as AbstractForwardSolver
 from ._forward import CallableSolver as CallableSolver
 from ._forward import Problem as Problem
@@ -54,6 +56,8 @@ __all__ = [
     "SolveStats",
     "fixed_point_solve",
     "jacobian_penalty",
+    "read_probe",
     "root_solve",
     "spectral_radius",
+    "stats_probe",
 ]

@@ -129,6 +129,54 @@ def make_stats(steps, residual_norm, converged, diverged, inner_failures=0) -> S
     )
 
 
+def stats_probe(dtype: Any = jnp.float32) -> jax.Array:
+    """A probe for the adjoint solve's statistics: zeros to pass as ``adjoint_stats=`` and to
+    differentiate with respect to.
+
+    Reverse mode cannot return values from the backward pass, so the adjoint linear solve of
+    ``root_solve(..., adjoint_stats=probe)`` (or ``fixed_point_solve``) writes its statistics
+    into the probe's cotangent instead; `read_probe` turns that cotangent into `SolveStats`::
+
+        probe = implicax.stats_probe()
+        grads, probe_bar = jax.grad(loss, argnums=(0, 1))(params, probe)  # loss passes probe
+        implicax.read_probe(probe_bar).steps   # matrix-vector products of the adjoint solve
+
+    The probe's value is never read and its cotangent does not depend on the loss. A probe
+    passed to several solves (or, under `jax.vmap`, one probe shared by a batch) gets the sum
+    of their records: `read_probe` then gives the total steps, the sum of residual norms, and
+    ``converged`` only when every solve converged. For one record per batch element, batch
+    the probe too (``jnp.zeros((n, 5))`` and ``in_axes=0``). A solve without a probe, or with
+    one that is not differentiated, computes nothing extra.
+    """
+    return jnp.zeros(len(SolveStats._fields), dtype)
+
+
+def probe_record(stats: SolveStats, dtype: Any) -> jax.Array:
+    """The record a solve adds to its probe's cotangent: (steps, residual norm, not converged,
+    diverged, inner failures), as floats that sum meaningfully over solves."""
+    fields = (stats.steps, stats.residual_norm, ~stats.converged, stats.diverged)
+    return jnp.stack([jnp.asarray(f).astype(dtype) for f in (*fields, stats.inner_failures)])
+
+
+def read_probe(cotangent: jax.Array) -> SolveStats:
+    """The `SolveStats` recorded in a probe's cotangent (see `stats_probe`); leading axes (a
+    batch of probes) are kept."""
+    cotangent = jnp.asarray(cotangent)
+    if cotangent.shape[-1:] != (len(SolveStats._fields),):
+        raise ValueError(
+            f"read_probe expects the cotangent of an implicax.stats_probe() (last axis of "
+            f"size {len(SolveStats._fields)}), got an array of shape {cotangent.shape}."
+        )
+    steps, residual_norm, failures, diverged, inner_failures = jnp.moveaxis(cotangent, -1, 0)
+    return SolveStats(
+        jnp.round(steps).astype(jnp.int32),
+        residual_norm,
+        failures == 0,
+        diverged > 0,
+        jnp.round(inner_failures).astype(jnp.int32),
+    )
+
+
 PHASES = ("forward", "derivative")
 
 

@@ -21,7 +21,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from ._failure import FailurePolicy, SolveStats, apply_failure_policy, tracing_solve
+from ._failure import (
+    FailurePolicy,
+    SolveStats,
+    apply_failure_policy,
+    probe_record,
+    tracing_solve,
+)
 from ._forward import CallableSolver, Problem
 from ._krylov import CG, GMRES, BiCGStab, Neumann
 from ._linear import complexified
@@ -71,7 +77,9 @@ class Spec:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def solve(spec: Spec, limits, x0, params, consts):
+def solve(spec: Spec, limits, x0, params, consts, probe=None):
+    """(x, packed forward statistics). `probe` (see `stats_probe`) is never read: its tangent
+    is where the adjoint solve writes its statistics."""
     with tracing_solve():
         x, stats = spec.forward(limits, x0, params, consts)
         x, stats = apply_failure_policy(
@@ -99,20 +107,23 @@ def unpack(packed: jax.Array) -> SolveStats:
 
 
 def _solve_jvp(spec: Spec, primals, tangents):
-    limits, x0, params, consts = primals
-    x, stats = solve(spec, limits, x0, params, consts)
+    limits, x0, params, consts, probe = primals
+    x, stats = solve(spec, limits, x0, params, consts, probe)
     with tracing_solve():  # (after the primal solve, which is not nested in its own rule)
         x_dot = _tangent(spec, primals, tangents, x)
     return (x, stats), (x_dot, jnp.zeros_like(stats))
 
 
 def _tangent(spec: Spec, primals, tangents, x):
-    limits, x0, params, consts = primals
+    limits, x0, params, consts, probe = primals
 
     # Only the inputs that carry a tangent (symbolic zeros mark the others) enter ∂F/∂θ·θ̇;
     # undifferentiated parameters cost no derivative work.
     inputs, inputs_def = jax.tree.flatten((params, consts))
-    inputs_dot = jax.tree.leaves(tangents[2:], is_leaf=lambda t: isinstance(t, SymbolicZero))
+    inputs_dot = jax.tree.leaves(tangents[2:4], is_leaf=lambda t: isinstance(t, SymbolicZero))
+    probe_dot = tangents[4]
+    if probe_dot is None or isinstance(probe_dot, SymbolicZero):  # no statistics asked for
+        probe_dot = None
     live = [i for i, t in enumerate(inputs_dot) if not isinstance(t, SymbolicZero)]
 
     def residual(y, *live_inputs):
@@ -136,6 +147,7 @@ def _tangent(spec: Spec, primals, tangents, x):
         spec.linear_solver(limits),
         functools.partial(apply_failure_policy, on_failure=spec.on_failure[1], site=spec.site),
         spec.what,
+        probe_dot,
     )
     return x_dot
 
@@ -143,7 +155,9 @@ def _tangent(spec: Spec, primals, tangents, x):
 solve.defjvp(_solve_jvp, symbolic_zeros=True)
 
 
-def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) -> PyTree:
+def _linear_solve(
+    matvec, b, linear_solver, report: Callable, what: Callable, probe_dot=None
+) -> PyTree:
     """x with matvec(x) = b, by `lax.custom_linear_solve` (which JAX transposes for reverse
     mode), each solve reported as the failure policy says.
 
@@ -154,6 +168,10 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
     the others by an exact zero is not enough: JAX's own derivative of a linear solve, at the
     next order, builds a new one on the same tree. A tree of complex and real leaves is posed
     with every leaf complex (`complexified`).
+
+    With `probe_dot` (the tangent of a `stats_probe`), the system is extended by the identity
+    on the probe, [A 0; 0 I]·[x; s] = [b; ṗ], and the adjoint solve returns s̄ plus its
+    statistics' record there: transposition carries them to the probe's cotangent.
     """
     # A non-holomorphic fn of a complex x makes a system no complex solver solves; say so.
     complex_x = any(jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(b))
@@ -165,9 +183,11 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
         return view(tangent), view(adjoint)
 
     matvec, b, restore = complexified(matvec, b)
-    if len(jax.tree.leaves(b)) == 1:  # (then not a mixed tree: nothing to restore)
+    if len(jax.tree.leaves(b)) == 1 and probe_dot is None:  # (one leaf: nothing to restore)
         tangent, adjoint = reporting(linear_solver)
-        return lax.custom_linear_solve(matvec, b, solve=tangent, transpose_solve=adjoint)
+        return lax.custom_linear_solve(
+            matvec, b, solve=_first(tangent), transpose_solve=_first(adjoint)
+        )
     flat_b, unravel = ravel(b)
 
     def as_vector(tree: PyTree) -> jax.Array:
@@ -176,7 +196,8 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
     def on_trees(tree_solve):  # a solver of yours sees the tree
         def solve(flat_matvec, v):
             tree_matvec = lambda tree: unravel(flat_matvec(as_vector(tree)))  # noqa: E731
-            return as_vector(tree_solve(tree_matvec, unravel(v)))
+            x, stats = tree_solve(tree_matvec, unravel(v))
+            return as_vector(x), stats
 
         return solve
 
@@ -184,10 +205,42 @@ def _linear_solve(matvec, b, linear_solver, report: Callable, what: Callable) ->
     tangent, adjoint = (
         reporting(linear_solver, on_trees) if vector_solver is None else reporting(vector_solver)
     )
-    flat_x = lax.custom_linear_solve(
-        lambda v: as_vector(matvec(unravel(v))), flat_b, solve=tangent, transpose_solve=adjoint
-    )
+    flat_matvec = lambda v: as_vector(matvec(unravel(v)))  # noqa: E731
+    if probe_dot is None:
+        flat_x = lax.custom_linear_solve(
+            flat_matvec, flat_b, solve=_first(tangent), transpose_solve=_first(adjoint)
+        )
+    else:
+        flat_x = _probed_solve(flat_matvec, flat_b, tangent, adjoint, probe_dot)
     return restore(unravel(flat_x))
+
+
+def _probed_solve(matvec, b: jax.Array, tangent, adjoint, probe_dot: jax.Array) -> jax.Array:
+    """The solve of `_linear_solve` on [b; ṗ], recording the adjoint's statistics (see there)."""
+    n, k = b.size, probe_dot.size
+
+    def split(solve, record):
+        def extended(extended_matvec, v):
+            # The system is block diagonal: its first block is A (or Aᵀ) on vectors [u; 0].
+            zeros = jnp.zeros(k, v.dtype)
+            inner = lambda u: extended_matvec(jnp.concatenate([u, zeros]))[:n]  # noqa: E731
+            x, stats = solve(inner, v[:n])
+            s = v[n:] + probe_record(stats, v.dtype) if record else v[n:]
+            return jnp.concatenate([x, s])
+
+        return extended
+
+    solution = lax.custom_linear_solve(
+        lambda v: jnp.concatenate([matvec(v[:n]), v[n:]]),
+        jnp.concatenate([b, probe_dot.ravel().astype(b.dtype)]),
+        solve=split(tangent, record=False),
+        transpose_solve=split(adjoint, record=True),
+    )
+    return solution[:n]
+
+
+def _first(solve: Callable) -> Callable:
+    return lambda matvec, b: solve(matvec, b)[0]
 
 
 _VECTOR_SOLVERS = (BiCGStab, CG, GMRES, Neumann)
@@ -214,8 +267,8 @@ def _for_vectors(linear_solver, b: PyTree, as_vector: Callable, unravel: Callabl
 
 
 def _reporting(linear_solver, report: Callable, what: str):
-    def solve(matvec, b):
+    def solve(matvec, b):  # -> (x, stats)
         x, stats = linear_solver.solve(matvec, b)
-        return report(x, stats, what=what)[0]
+        return report(x, stats, what=what)
 
     return solve

@@ -64,6 +64,19 @@ def _check_x0(x0: PyTree) -> PyTree:
     return x0
 
 
+def _check_probe(entry: str, probe: Any) -> jax.Array | None:
+    if probe is None:
+        return None
+    shape, dtype = jnp.shape(probe), jnp.result_type(probe)
+    if shape != (len(SolveStats._fields),) or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{entry}: adjoint_stats must be a probe made by implicax.stats_probe() (a float "
+            f"array of shape ({len(SolveStats._fields)},)), got {shape} {dtype}. Under vmap, "
+            "batch the probe along with the solve."
+        )
+    return jnp.asarray(probe)
+
+
 def _forward_solver(entry: str, solver: Any, default: AbstractForwardSolver):
     if solver is None:
         return default
@@ -92,6 +105,7 @@ def _implicit_solve(
     return_stats,
     name,
     default_solver,
+    adjoint_stats,
 ):
     entry = "fixed_point_solve" if fixed_point else "root_solve"
     if not callable(fn):
@@ -102,6 +116,7 @@ def _implicit_solve(
     if name is not None and not isinstance(name, str):
         raise TypeError(f"{entry}: name must be a string or None, got {name!r}.")
     x0 = _check_x0(x0)
+    probe = _check_probe(entry, adjoint_stats)
     function, consts, out, jaxpr = _closure_convert(fn, x0, params)
     what = "fn(x, params)" + ("" if fixed_point else " (the residual)")
     check_like(out, x0, what, "x0")
@@ -126,7 +141,7 @@ def _implicit_solve(
     compiled = _cache.compiled(
         functools.partial(solve, spec), fn, jaxpr, (solver, linear_solver), config
     )
-    arguments = (limits, lax.stop_gradient(x0), params, consts)
+    arguments = (limits, lax.stop_gradient(x0), params, consts, probe)
     if on_failure[0] == "raise" and not any(
         isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments)
     ):
@@ -150,6 +165,7 @@ def root_solve(
     on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
     return_stats: bool = False,
     name: str | None = None,
+    adjoint_stats: jax.Array | None = None,
 ) -> PyTree | tuple[PyTree, SolveStats]:
     """Solve fn(x, params) = 0 for x, differentiably in params (and in arrays fn closes over).
 
@@ -186,6 +202,9 @@ def root_solve(
             adjoint linear solves; a phase left out is "warn").
         return_stats: also return the forward solve's `SolveStats`.
         name: the solve's name in failure reports ("the forward solve of 'encoder' ...").
+        adjoint_stats: a probe from `implicax.stats_probe`, into whose cotangent reverse mode
+            writes the adjoint linear solve's `SolveStats` (read them with
+            `implicax.read_probe`); None (default) records nothing, at no cost.
 
     Returns:
         x with fn(x, params) ≈ 0, or ``(x, stats)`` when return_stats is True.
@@ -200,6 +219,7 @@ def root_solve(
         on_failure=on_failure,
         return_stats=return_stats,
         name=name,
+        adjoint_stats=adjoint_stats,
         default_solver=Newton(),
     )
 
@@ -214,6 +234,7 @@ def fixed_point_solve(
     on_failure: FailurePolicy | Mapping[str, FailurePolicy] = "warn",
     return_stats: bool = False,
     name: str | None = None,
+    adjoint_stats: jax.Array | None = None,
 ) -> PyTree | tuple[PyTree, SolveStats]:
     """Solve x = fn(x, params) for x, differentiably in params (and in arrays fn closes over).
 
@@ -236,6 +257,7 @@ def fixed_point_solve(
             per phase (``{"forward": ..., "derivative": ...}``); see `root_solve`.
         return_stats: also return the forward solve's `SolveStats`.
         name: the solve's name in failure reports.
+        adjoint_stats: a probe for the adjoint solve's statistics; see `root_solve`.
 
     Returns:
         x with x ≈ fn(x, params), or ``(x, stats)`` when return_stats is True.
@@ -250,5 +272,6 @@ def fixed_point_solve(
         on_failure=on_failure,
         return_stats=return_stats,
         name=name,
+        adjoint_stats=adjoint_stats,
         default_solver=FixedPointIteration(),
     )
