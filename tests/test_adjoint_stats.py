@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import implicax
 
@@ -95,6 +96,28 @@ def test_probe_under_pmap():
     expected = [int(direct_adjoint_stats(w, implicax.BiCGStab()).steps) for w in ws]
     np.testing.assert_array_equal(recorded.steps, expected)
     assert bool(recorded.converged.all())
+
+
+def test_probe_under_shard_map():
+    devices = jax.local_device_count()
+    mesh = jax.make_mesh((devices,), ("i",), axis_types=(jax.sharding.AxisType.Auto,))
+    ws = jnp.concatenate([W * (1 + 0.5 * i) for i in range(devices)])  # one block per device
+    expected = [
+        int(direct_adjoint_stats(w, implicax.BiCGStab()).steps) for w in ws.reshape(devices, N, N)
+    ]
+
+    def per_device(probe_spec):
+        def grad(w, probe):
+            return jax.grad(loss, argnums=(0, 1))(w, probe.reshape(5))[1].reshape(probe.shape)
+
+        return jax.jit(
+            jax.shard_map(grad, mesh=mesh, in_specs=(P("i"), probe_spec), out_specs=probe_spec)
+        )
+
+    sharded = per_device(P("i"))(ws, jnp.zeros((devices, 5)))  # one probe per device
+    np.testing.assert_array_equal(implicax.read_probe(sharded).steps, expected)
+    shared = per_device(P())(ws, implicax.stats_probe())  # replicated: the devices' sum
+    assert int(implicax.read_probe(shared).steps) == sum(expected)
 
 
 def test_probe_on_a_pytree_root_solve_and_in_forward_mode():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = ("deq_digits_flax.py", "deq_digits_haiku.py", "data_parallel.py")
+SCRIPTS = ("deq_digits_flax.py", "deq_digits_haiku.py", "data_parallel.py", "deq_training.py")
 ACCURACY = re.compile(r"test accuracy: (\d+\.\d+)%")
 
 
@@ -73,3 +73,14 @@ def test_data_parallel_example(outputs):
         assert re.search(rf"^{re.escape(mode)}: test accuracy: \d+\.\d+%$", output, re.M), output
     difference = float(re.search(r"max parameter difference pmap vs jit: (\S+)", output)[1])
     assert difference < 1e-3  # the two data-parallel runs train the same model
+
+
+def test_deq_training_example(outputs):
+    """The training benchmark's short mode: its two PhantomGradient runs report their backward
+    solve's k − 1 = 4 products (from the probe) and the regularised one its penalty."""
+    output = _output(outputs, "deq_training.py")
+    lines = dict(re.findall(r"^(phantom(?:, regularised)?): (.*)$", output, re.M))
+    assert set(lines) == {"phantom", "phantom, regularised"}, output
+    for line in lines.values():
+        assert ACCURACY.search(line) and line.endswith("backward steps 4"), line
+    assert re.search(r"penalty=\d+\.\d+", outputs["deq_training.py"].stderr)

@@ -398,3 +398,12 @@ def test_adjoint_stats_probe(linear_solver, steps):
 
     _, record = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, implicax.stats_probe())
     check_probe(record, steps)
+
+
+def test_diagnostic_counts_are_checked():
+    x = random_data((1, 3))
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="penalty_samples must be a whole number"):
+            DEQ(TinyCell(), penalty_samples=bad).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="radius_steps must be a whole number"):
+        DEQ(TinyCell(), radius_steps=-2).init(jax.random.key(0), x)

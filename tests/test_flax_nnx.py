@@ -483,6 +483,9 @@ def test_the_signature_is_the_constructors():
         "linear_solver",
         "on_failure",
         "store_stats",
+        "penalty_samples",
+        "radius_steps",
+        "rngs",
     ]
 
 
@@ -519,6 +522,8 @@ def test_diagnostics_are_stored_and_the_penalty_is_differentiable():
     assert any(np.any(g != 0) for g in jax.tree.leaves(grad))
     with pytest.raises(TypeError, match="rngs=nnx.Rngs"):
         DEQ(SymmetricCell(3), penalty_samples=1)
+    with pytest.raises(ValueError, match="radius_steps must be a whole number"):
+        DEQ(SymmetricCell(3), radius_steps=-1, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize(

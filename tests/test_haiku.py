@@ -395,3 +395,11 @@ def test_adjoint_stats_probe(linear_solver, steps):
 
     _, record = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, implicax.stats_probe())
     check_probe(record, steps)
+
+
+def test_diagnostic_counts_are_checked():
+    x = random_data((1, 2))
+    with pytest.raises(ValueError, match="penalty_samples must be a whole number"):
+        hk.transform(lambda x: DEQ(tiny_cell, penalty_samples=-1)(x)).init(None, x)
+    with pytest.raises(ValueError, match="radius_steps must be a whole number"):
+        hk.transform(lambda x: DEQ(tiny_cell, radius_steps=True)(x)).init(None, x)

@@ -1,5 +1,6 @@
 """PhantomGradient and JacobianFree: inexact implicit gradients, checked against the unrolled
-formulas they stand for (float64), in both modes, on pytrees, under jit and vmap."""
+formulas they stand for (float64), in both modes, on pytrees, under jit, vmap and pmap; the
+Jacobian penalty and spectral radius against jacfwd and eig."""
 
 from __future__ import annotations
 
@@ -203,3 +204,45 @@ def test_regulariser_inputs_are_checked():
         implicax.jacobian_penalty(g, Z0, THETA, jax.random.key(0), samples=0)
     with pytest.raises(TypeError, match="floating"):
         implicax.spectral_radius(g, jnp.ones(4, jnp.int32), THETA, jax.random.key(0))
+
+
+def test_the_toolkit_under_pmap():
+    """Per device: the phantom and Jacobian-free gradients equal their definitions, and the
+    penalty and radius equal the same estimates computed outside pmap."""
+    devices = jax.local_device_count()
+    thetas = jnp.stack([THETA * (1 + 0.3 * i) for i in range(devices)])
+    keys = jax.random.split(jax.random.key(5), devices)
+    solver = implicax.PhantomGradient(4, 0.6)
+
+    def per_device(theta, key):
+        phantom_grad = jax.grad(
+            lambda t: loss(implicax.fixed_point_solve(g, Z0, t, linear_solver=solver))
+        )(theta)
+        free_grad = jax.grad(
+            lambda t: loss(
+                implicax.fixed_point_solve(g, Z0, t, linear_solver=implicax.JacobianFree())
+            )
+        )(theta)
+        z = implicax.fixed_point_solve(g_symmetric, Z0, theta)
+        penalty = implicax.jacobian_penalty(g_symmetric, z, theta, key, samples=8)
+        radius = implicax.spectral_radius(g_symmetric, z, theta, key, steps=50)
+        return phantom_grad, free_grad, penalty, radius
+
+    mapped = jax.pmap(per_device)(thetas, keys)
+    for i in range(devices):
+        theta, key = thetas[i], keys[i]
+        phantom_grad, free_grad, penalty, radius = (value[i] for value in mapped)
+        np.testing.assert_allclose(
+            phantom_grad, jax.grad(lambda t: loss(phantom(g, t, 4, 0.6)))(theta), rtol=1e-9
+        )
+        z_star = implicax.fixed_point_solve(g, Z0, theta)
+        np.testing.assert_allclose(
+            free_grad, jax.grad(lambda t, z=z_star: loss(g(z, t)))(theta), rtol=1e-9
+        )
+        z = implicax.fixed_point_solve(g_symmetric, Z0, theta)
+        np.testing.assert_allclose(
+            penalty, implicax.jacobian_penalty(g_symmetric, z, theta, key, samples=8), rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            radius, implicax.spectral_radius(g_symmetric, z, theta, key, steps=50), rtol=1e-9
+        )

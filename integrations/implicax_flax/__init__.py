@@ -69,8 +69,8 @@ class DEQ(nn.Module):
     ``("intermediates", "jacobian_penalty")``, and with ``radius_steps=k``
     `implicax.spectral_radius` (k power iterations) as ``("intermediates",
     "spectral_radius")``. Their random vectors come from the ``"jacobian"`` PRNG stream
-    (``apply(..., rngs={"jacobian": key}, mutable=["intermediates"])``); ``init`` without that
-    stream skips them.
+    (``apply(..., rngs={"jacobian": key}, mutable=["intermediates"])``); a call without that
+    stream (``init``, evaluation) computes neither.
 
     Randomness (dropout): one key per PRNG stream available to this layer (all but
     ``"params"``) is drawn per call and reused by every evaluation of the cell in that solve,
@@ -165,8 +165,7 @@ class DEQ(nn.Module):
         if mutable is not False and _writes_state(jax.eval_shape(apply, z0, arrays)[1]):
             self.cell(z, x)  # record collection updates once, from the equilibrium
         self.sow("intermediates", "solve_stats", stats)
-        wanted = self.penalty_samples or self.radius_steps
-        if wanted and not (self.is_initializing() and not self.has_rng("jacobian")):
+        if (self.penalty_samples or self.radius_steps) and self.has_rng("jacobian"):
             key = self.make_rng("jacobian")
             diagnostics = deq_diagnostics(
                 fn, z, arrays, key, self.penalty_samples, self.radius_steps
