@@ -407,3 +407,4 @@ def test_diagnostic_counts_are_checked():
             DEQ(TinyCell(), penalty_samples=bad).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="radius_steps must be a whole number"):
         DEQ(TinyCell(), radius_steps=-2).init(jax.random.key(0), x)
+    DEQ(TinyCell(), **FAST, penalty_samples=np.int64(1)).init(jax.random.key(0), x)  # NumPy ints

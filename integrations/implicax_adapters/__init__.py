@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,11 +28,12 @@ def deq_initial_state(x: Any, z0: Any | None) -> Any:
     return z0
 
 
-def check_diagnostics(penalty_samples: Any, radius_steps: Any) -> None:
-    """The DEQ layers' penalty_samples and radius_steps: whole numbers, 0 for off."""
+def check_diagnostics(penalty_samples: Any, radius_steps: Any) -> tuple[int, int]:
+    """The DEQ layers' penalty_samples and radius_steps, checked: whole numbers, 0 for off."""
     for name, value in (("penalty_samples", penalty_samples), ("radius_steps", radius_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"DEQ: {name} must be a whole number ≥ 0 (0: off), got {value!r}.")
+    return int(penalty_samples), int(radius_steps)
 
 
 def deq_diagnostics(

@@ -130,7 +130,7 @@ class DEQ(nn.Module):
             raise TypeError(
                 f"DEQ: cell must be a flax.linen Module called as cell(z, x), got {self.cell!r}."
             )
-        check_diagnostics(self.penalty_samples, self.radius_steps)
+        penalty_samples, radius_steps = check_diagnostics(self.penalty_samples, self.radius_steps)
         z0 = deq_initial_state(x, z0)
         if self.is_initializing():
             self.cell(z0, x)  # create the cell's variables (unbind() returns none before)
@@ -165,11 +165,9 @@ class DEQ(nn.Module):
         if mutable is not False and _writes_state(jax.eval_shape(apply, z0, arrays)[1]):
             self.cell(z, x)  # record collection updates once, from the equilibrium
         self.sow("intermediates", "solve_stats", stats)
-        if (self.penalty_samples or self.radius_steps) and self.has_rng("jacobian"):
+        if (penalty_samples or radius_steps) and self.has_rng("jacobian"):
             key = self.make_rng("jacobian")
-            diagnostics = deq_diagnostics(
-                fn, z, arrays, key, self.penalty_samples, self.radius_steps
-            )
+            diagnostics = deq_diagnostics(fn, z, arrays, key, penalty_samples, radius_steps)
             for name, value in diagnostics.items():
                 self.sow("intermediates", name, value)
         return (z, stats) if return_stats else z

@@ -129,7 +129,7 @@ class DEQ(nnx.Module):
                 "DEQ: cell must be an nnx.Module (or another NNX graph node) callable as "
                 f"cell(z, x), got {cell!r}."
             )
-        check_diagnostics(penalty_samples, radius_steps)
+        penalty_samples, radius_steps = check_diagnostics(penalty_samples, radius_steps)
         if (penalty_samples or radius_steps) and not isinstance(rngs, nnx.Rngs):
             raise TypeError(
                 "DEQ: penalty_samples and radius_steps draw random vectors: pass "

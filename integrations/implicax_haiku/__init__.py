@@ -104,9 +104,7 @@ class DEQ(hk.Module):
         name: str | None = None,
     ):
         super().__init__(name=name)
-        check_diagnostics(penalty_samples, radius_steps)
-        self.penalty_samples = penalty_samples
-        self.radius_steps = radius_steps
+        self.penalty_samples, self.radius_steps = check_diagnostics(penalty_samples, radius_steps)
         if not callable(cell):
             raise TypeError(f"DEQ: cell must be callable as cell(z, x), got {cell!r}.")
         self.cell = cell
