@@ -141,12 +141,16 @@ def test_matches_unrolled_iteration(name):
     assert_tree_allclose(got, expected)
 
 
-def test_phantom_gradient_matches_its_unrolled_definition():
-    """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed."""
+@pytest.mark.parametrize(
+    "solver, steps, damping",
+    [(implicax.PhantomGradient(3, 0.6), 3, 0.6), (implicax.JacobianFree(), 1, 1.0)],
+    ids=["PhantomGradient", "JacobianFree"],
+)
+def test_inexact_gradient_matches_its_unrolled_definition(solver, steps, damping):
+    """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed;
+    JacobianFree: the same with one undamped step."""
     factory, shape = CELLS["dense-nested"]
     x, weights = random_data(shape), random_data(shape, seed=2)
-    steps, damping = 3, 0.6
-    solver = implicax.PhantomGradient(steps, damping)
     graphdef, params, rest = nnx.split(
         DEQ(factory(), **{**FAST, "linear_solver": solver}), nnx.Param, ...
     )

@@ -112,12 +112,17 @@ def test_matches_unrolled_iteration(name):
     assert_tree_allclose(got, expected)
 
 
-def test_phantom_gradient_matches_its_unrolled_definition():
-    """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed."""
+@pytest.mark.parametrize(
+    "solver, steps, damping",
+    [(implicax.PhantomGradient(3, 0.6), 3, 0.6), (implicax.JacobianFree(), 1, 1.0)],
+    ids=["PhantomGradient", "JacobianFree"],
+)
+def test_inexact_gradient_matches_its_unrolled_definition(solver, steps, damping):
+    """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed;
+    JacobianFree: the same with one undamped step."""
     make_cell, shape = CELLS["dense-nested"]
     x, weights = random_data(shape), random_data(shape, seed=2)
-    steps, damping = 3, 0.6
-    model = _transformed(make_cell, linear_solver=implicax.PhantomGradient(steps, damping))
+    model = _transformed(make_cell, linear_solver=solver)
     params = model.init(None, x)
     cell = hk.transform(lambda z, x: make_cell()(z, x))
 
