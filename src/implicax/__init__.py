@@ -1,5 +1,7 @@
 """implicax: differentiate through root and fixed-point solves by the implicit function theorem."""
 
+from ._decorators import custom_fixed_point as custom_fixed_point
+from ._decorators import custom_root as custom_root
 from ._failure import FailurePolicy as FailurePolicy
 from ._failure import SolveError as SolveError
 from ._failure import SolveStats as SolveStats
@@ -54,6 +56,8 @@ __all__ = [
     "Progress",
     "SolveError",
     "SolveStats",
+    "custom_fixed_point",
+    "custom_root",
     "fixed_point_solve",
     "jacobian_penalty",
     "read_probe",

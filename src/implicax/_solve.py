@@ -4,6 +4,7 @@ arrays explicit, and call the implicit-function rule (`_implicit`)."""
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -77,6 +78,35 @@ def _check_probe(entry: str, probe: Any) -> jax.Array | None:
     return jnp.asarray(probe)
 
 
+_WITHOUT_AUX: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _without_aux(fn: Callable) -> Callable:
+    """fn's first output, as a function that lives as long as fn (so that the compiled solves
+    cached under it, see `_cache`, are found again on the next call)."""
+    try:
+        return _WITHOUT_AUX[fn]
+    except (KeyError, TypeError):  # not seen yet, or fn cannot be held weakly
+        pass
+
+    def without_aux(x, params):
+        return fn(x, params)[0]
+
+    try:
+        _WITHOUT_AUX[fn] = without_aux
+    except TypeError:
+        pass
+    return without_aux
+
+
+def _check_pair(entry: str, out: Any) -> None:
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        raise TypeError(
+            f"{entry}: with has_aux=True, fn(x, params) must return a pair (out, aux), out "
+            f"like x; got {jax.tree.structure(out)}."
+        )
+
+
 def _forward_solver(entry: str, solver: Any, default: AbstractForwardSolver):
     if solver is None:
         return default
@@ -106,10 +136,31 @@ def _implicit_solve(
     name,
     default_solver,
     adjoint_stats,
+    has_aux=False,
 ):
     entry = "fixed_point_solve" if fixed_point else "root_solve"
     if not callable(fn):
         raise TypeError(f"{entry}: fn must be callable as fn(x, params), got {fn!r}.")
+    if has_aux:
+        x0 = _check_x0(x0)
+        _check_pair(entry, jax.eval_shape(fn, x0, params))
+        result, stats = _implicit_solve(
+            _without_aux(fn),
+            x0,
+            params,
+            fixed_point=fixed_point,
+            solver=solver,
+            linear_solver=linear_solver,
+            on_failure=on_failure,
+            return_stats=True,
+            name=name,
+            default_solver=default_solver,
+            adjoint_stats=adjoint_stats,
+        )
+        # aux at the solution, outside the implicit rule: differentiable through x* and params.
+        at_solution: Any = fn(result, params)
+        result = (result, at_solution[1])
+        return (result, stats) if return_stats else result
     solver = _forward_solver(entry, solver, default_solver)
     linear_solver = as_linear_solver(BiCGStab() if linear_solver is None else linear_solver, entry)
     on_failure = check_policy(on_failure)
@@ -166,6 +217,7 @@ def root_solve(
     return_stats: bool = False,
     name: str | None = None,
     adjoint_stats: jax.Array | None = None,
+    has_aux: bool = False,
 ) -> PyTree | tuple[PyTree, SolveStats]:
     """Solve fn(x, params) = 0 for x, differentiably in params (and in arrays fn closes over).
 
@@ -205,9 +257,12 @@ def root_solve(
         adjoint_stats: a probe from `implicax.stats_probe`, into whose cotangent reverse mode
             writes the adjoint linear solve's `SolveStats` (read them with
             `implicax.read_probe`); None (default) records nothing, at no cost.
+        has_aux: fn returns a pair ``(residual, aux)``; the result is then ``(x, aux)``, with
+            aux evaluated at the solution (one more call of fn) and differentiable through it.
 
     Returns:
-        x with fn(x, params) ≈ 0, or ``(x, stats)`` when return_stats is True.
+        x with fn(x, params) ≈ 0 (``(x, aux)`` with has_aux), or ``(that, stats)`` when
+        return_stats is True.
     """
     return _implicit_solve(
         fn,
@@ -220,6 +275,7 @@ def root_solve(
         return_stats=return_stats,
         name=name,
         adjoint_stats=adjoint_stats,
+        has_aux=has_aux,
         default_solver=Newton(),
     )
 
@@ -235,6 +291,7 @@ def fixed_point_solve(
     return_stats: bool = False,
     name: str | None = None,
     adjoint_stats: jax.Array | None = None,
+    has_aux: bool = False,
 ) -> PyTree | tuple[PyTree, SolveStats]:
     """Solve x = fn(x, params) for x, differentiably in params (and in arrays fn closes over).
 
@@ -258,9 +315,11 @@ def fixed_point_solve(
         return_stats: also return the forward solve's `SolveStats`.
         name: the solve's name in failure reports.
         adjoint_stats: a probe for the adjoint solve's statistics; see `root_solve`.
+        has_aux: fn returns ``(map value, aux)``; the result is ``(x, aux)``, see `root_solve`.
 
     Returns:
-        x with x ≈ fn(x, params), or ``(x, stats)`` when return_stats is True.
+        x with x ≈ fn(x, params) (``(x, aux)`` with has_aux), or ``(that, stats)`` when
+        return_stats is True.
     """
     return _implicit_solve(
         fn,
@@ -273,5 +332,6 @@ def fixed_point_solve(
         return_stats=return_stats,
         name=name,
         adjoint_stats=adjoint_stats,
+        has_aux=has_aux,
         default_solver=FixedPointIteration(),
     )
