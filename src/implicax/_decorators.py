@@ -89,9 +89,9 @@ def _decorator(
                 if "fn(x, params)" not in message:
                     raise
                 message = re.sub(r"fn\(x, params\)( \(the residual\))?", equation_name, message)
+                call = f"{equation_name}(solution, *args, **kwargs)"
                 raise type(error)(
-                    f"{kind}: {message.replace('x0', 'the solution')} ({equation_name} is "
-                    "called as " + f"{equation_name}(solution, *args, **kwargs).)"
+                    f"{kind}: {message.replace('x0', 'the solution')} (it is called as {call}.)"
                 ) from None
             return (x, lax.stop_gradient(aux)) if has_aux else x
 
