@@ -81,6 +81,14 @@ def test_keyword_only_solver_and_vmap():
     np.testing.assert_allclose(grads, [closed_form(lam)[1][0] for lam in lams], rtol=1e-9)
 
 
+def test_decorated_solver_under_pmap():
+    decorated = implicax.custom_root(optimality)(ridge)
+    devices = jax.local_device_count()
+    lams = jnp.linspace(0.3, 2.0, devices)
+    grads = jax.pmap(jax.grad(lambda lam: decorated(None, lam, X, Y)[0]))(lams)
+    np.testing.assert_allclose(grads, [closed_form(lam)[1][0] for lam in lams], rtol=1e-9)
+
+
 @pytest.mark.parametrize(
     "solve",
     [implicax.CG(), implicax.Dense(), lambda matvec, b: jsl.cg(matvec, b, tol=1e-12)[0]],
