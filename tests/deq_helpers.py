@@ -150,3 +150,16 @@ def check_probe(record, steps=None):
         assert int(stats.steps) > 1
     else:
         assert int(stats.steps) == steps
+
+
+# linear_solver=, and its definition: that many damped cell steps from z* held constant.
+INEXACT_GRADIENTS = {
+    "argnames": "solver, steps, damping",
+    "argvalues": [(implicax.PhantomGradient(3, 0.6), 3, 0.6), (implicax.JacobianFree(), 1, 1.0)],
+    "ids": ["PhantomGradient", "JacobianFree"],
+}
+# linear_solver=, and the adjoint products its probe must record (None: some, unchecked).
+PROBE_CASES = {
+    "argnames": "linear_solver, steps",
+    "argvalues": [(FAST["linear_solver"], None), (implicax.PhantomGradient(4), 3)],
+}

@@ -18,7 +18,9 @@ import pytest
 from deq_helpers import (
     F64,
     FAST,
+    INEXACT_GRADIENTS,
     PENALTY_SAMPLES,
+    PROBE_CASES,
     RADIUS_STEPS,
     UNROLL,
     assert_tree_allclose,
@@ -131,11 +133,7 @@ def test_matches_unrolled_iteration(name):
     assert_tree_allclose(implicit, unrolled)
 
 
-@pytest.mark.parametrize(
-    "solver, steps, damping",
-    [(implicax.PhantomGradient(3, 0.6), 3, 0.6), (implicax.JacobianFree(), 1, 1.0)],
-    ids=["PhantomGradient", "JacobianFree"],
-)
+@pytest.mark.parametrize(**INEXACT_GRADIENTS)
 def test_inexact_gradient_matches_its_unrolled_definition(solver, steps, damping):
     """linear_solver=PhantomGradient: the gradient of k damped cell steps from z* held fixed;
     JacobianFree: the same with one undamped step."""
@@ -390,9 +388,7 @@ def test_diagnostics_are_sown_and_the_penalty_is_differentiable():
     assert any(np.any(g != 0) for g in jax.tree.leaves(grad))
 
 
-@pytest.mark.parametrize(
-    "linear_solver, steps", [(FAST["linear_solver"], None), (implicax.PhantomGradient(4), 3)]
-)
+@pytest.mark.parametrize(**PROBE_CASES)
 def test_adjoint_stats_probe(linear_solver, steps):
     x = random_data((1, 3))
     deq = _deq(TinyCell(), linear_solver=linear_solver)
