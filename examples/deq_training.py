@@ -154,8 +154,7 @@ class Result:
     backward_steps: list[int]  # per training step (-1: none reported)
     penalty: list[float]  # per training step (NaN: not computed)
     steps_per_epoch: int
-    train_seconds: float
-    state: Any = None  # (model, params, batch) for the timing and memory measurements
+    state: Any = None  # (model, params, batch, weight): for the timing and memory measurements
 
 
 def make_step(model: nn.Module, optimizer: optax.GradientTransformation, weight: float):
@@ -203,9 +202,7 @@ def train(
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed + 1)
     forward, backward, penalties = [], [], []
-    start = time.perf_counter()
     bar = tqdm(range(total), desc=f"{variant.name:26s}", unit="step", leave=leave)
-    order = rng.permutation(len(x_train))
     for i in bar:
         if i % steps_per_epoch == 0:
             order = rng.permutation(len(x_train))
@@ -225,7 +222,6 @@ def train(
                 bwd_steps=bwd if bwd >= 0 else "-",
                 penalty=f"{penalties[-1]:.3f}",
             )
-    train_seconds = time.perf_counter() - start
     predict = jax.jit(lambda params, images: model.apply(params, images).argmax(-1))
     accuracy = float(np.mean(np.asarray(predict(params, x_test)) == y_test))
     batch = (x_train[:batch_size], y_train[:batch_size])
@@ -236,7 +232,6 @@ def train(
         backward,
         penalties,
         steps_per_epoch,
-        train_seconds,
         (model, params, batch, weight),
     )
 
