@@ -157,17 +157,27 @@ class Result:
     state: Any = None  # (model, params, batch, weight): for the timing and memory measurements
 
 
-def make_step(model: nn.Module, optimizer: optax.GradientTransformation, weight: float):
+def make_loss(model: nn.Module, weight: float):
+    """loss_fn(params, probe, images, labels, key) -> (training loss, (cross-entropy,
+    penalty or NaN, forward steps))."""
+
     def loss_fn(params, probe, images, labels, key):
         logits, sown = model.apply(
             params, images, probe, rngs={"jacobian": key}, mutable=["intermediates"]
         )
         sown = sown.get("intermediates", {}).get("deq", {})
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        penalty = sown["jacobian_penalty"][0] if "jacobian_penalty" in sown else jnp.nan
         stats = sown["solve_stats"][0].steps if "solve_stats" in sown else UNROLL
-        total = loss + weight * penalty if "jacobian_penalty" in sown else loss
-        return total, (loss, penalty, stats)
+        if "jacobian_penalty" not in sown:
+            return loss, (loss, jnp.nan, stats)
+        penalty = sown["jacobian_penalty"][0]
+        return loss + weight * penalty, (loss, penalty, stats)
+
+    return loss_fn
+
+
+def make_step(model: nn.Module, optimizer: optax.GradientTransformation, weight: float):
+    loss_fn = make_loss(model, weight)
 
     @jax.jit
     def step(params, opt_state, images, labels, key):
@@ -177,7 +187,7 @@ def make_step(model: nn.Module, optimizer: optax.GradientTransformation, weight:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, aux, record
 
-    return step, loss_fn
+    return step
 
 
 def train(
@@ -198,7 +208,7 @@ def train(
     total = max_steps or epochs * steps_per_epoch
     optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, total))
     opt_state = optimizer.init(params)
-    step, _ = make_step(model, optimizer, weight)
+    step = make_step(model, optimizer, weight)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed + 1)
     forward, backward, penalties = [], [], []
@@ -240,7 +250,7 @@ def _compiled(result: Result):
     """The trained model's forward pass (the loss alone) and gradient on one batch, jitted and
     run once, with the gradient's compiled temporary memory."""
     model, params, (images, labels), weight = result.state
-    _, loss_fn = make_step(model, optax.identity(), weight)
+    loss_fn = make_loss(model, weight)
     key, probe = jax.random.key(0), implicax.stats_probe()
 
     def loss(params):
