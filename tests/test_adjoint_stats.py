@@ -158,3 +158,24 @@ def test_bad_probes_are_named():
         loss(W, jnp.zeros(5, jnp.int32))
     with pytest.raises(ValueError, match="last axis of size 5"):
         implicax.read_probe(jnp.zeros(4))
+
+
+def test_probe_reports_a_nan_in_a_cotangent_of_5000_elements():
+    # (XLA:CPU's max drops NaNs from 4096 elements; the record must not.)
+    n = 5000
+
+    def big_loss(p, probe):
+        z = implicax.fixed_point_solve(
+            lambda z, p: 0.5 * jnp.tanh(z) + p,
+            jnp.zeros(n),
+            p,
+            adjoint_stats=probe,
+            on_failure="ignore",
+        )
+        return jnp.sum(z * jnp.ones(n).at[4321].set(jnp.nan))
+
+    _, record = jax.jit(jax.grad(big_loss, argnums=(0, 1)))(
+        jnp.full(n, 0.1), implicax.stats_probe()
+    )
+    stats = implicax.read_probe(record)
+    assert bool(stats.diverged) and not bool(stats.converged)
